@@ -1,0 +1,37 @@
+"""Builds ``ouroboros_kernels._C``: the candidate-pool ops.
+
+A ``CUDAExtension`` (C++ and ``.cu``) is built when the installed torch has CUDA and
+nvcc is found; otherwise a ``CppExtension`` (CPU only). ``TORCH_CUDA_ARCH_LIST`` is
+honoured by torch's build helper. ``OUROBOROS_FORCE_CPU=1`` forces the CPU build.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cxx_flags = ["-O3", "-std=c++17"]
+    force_cpu = os.environ.get("OUROBOROS_FORCE_CPU", "0") == "1"
+    if torch.version.cuda is not None and CUDA_HOME is not None and not force_cpu:
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
+        print(f"[ouroboros] building CUDAExtension (CUDA {torch.version.cuda}, nvcc at "
+              f"{CUDA_HOME}, TORCH_CUDA_ARCH_LIST={arch})")
+        return CUDAExtension(
+            "ouroboros_kernels._C",
+            cpp_sources + cuda_sources,
+            define_macros=[("OUROBOROS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    why = ("OUROBOROS_FORCE_CPU=1" if force_cpu else
+           "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
+    print(f"[ouroboros] building CppExtension (CPU only: {why})")
+    return CppExtension("ouroboros_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})
