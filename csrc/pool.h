@@ -1,0 +1,68 @@
+// The candidate pool: declarations and the semantics every implementation follows.
+//
+// State (plain tensors, all on one device):
+//   phrases  int32 [V, W, L]  the phrase stored in each slot; an empty slot holds -1s
+//   stamps   int64 [V, W]     recency stamp of each slot, 0 = empty slot
+//   clock    int64 [1]        stamps handed out so far (lives on the device: no host sync)
+// V = vocabulary size (keys are token ids in [0, V)), W = capacity (slots per key),
+// L = phrase length. Invariant: the non-empty phrases of one key are distinct.
+//
+// pool_insert(phrases, stamps, clock, keys int64[M], new_phrases int32|int64[M, L])
+//   Entries are applied in index order; entry i gets stamp clock + i + 1 and the clock
+//   advances by M after the batch (so recency across keys is the sequential one).
+//   A phrase already under its key gets the new stamp (becomes the most recent);
+//   otherwise it takes the lowest-index empty slot, else it evicts the slot with the
+//   smallest stamp (ties: lowest slot index), and gets the new stamp.
+// pool_lookup(phrases, stamps, keys int64[M], k) -> (int32[M, k, L], int32[M], int32[M, k])
+//   The min(k, #non-empty) most recent phrases of each key, newest first (stamp
+//   descending, ties: lowest slot first), their count and slot indices; rows past the
+//   count hold -1. Reads never change recency. k >= 1; k > W is allowed.
+// pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L])
+//   Entries are applied in index order. The phrase in (key, slot) is overwritten and keeps
+//   its stamp; if the new phrase already sits in another non-empty slot of that key, the
+//   refined slot is emptied instead (stamp 0, phrase -1s). Refining an empty slot is a no-op.
+//
+// Padding and invalid entries (identical on every device for padding):
+//   * key == -1, slot == -1, or any phrase token == -1 marks an entry as padding: it is
+//     skipped (an insert entry still consumes its stamp number; lookup of key -1 returns
+//     count 0 and -1 rows). This lets callers pass fixed-size batches without a host sync.
+//   * Any other value out of range (key < -1 or >= V, slot < -1 or >= W, token < -1, or an
+//     int64 token > INT32_MAX) is invalid: the CPU ops raise ValueError before changing
+//     anything; the CUDA ops cannot raise without a host sync, so they skip such entries
+//     like padding (the Python layer checks them on request with validate=True).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace ouroboros {
+
+// Shapes, dtypes and devices of the state and the arguments (cheap: no data is read).
+// Returns {V, W, L}.
+struct PoolDims {
+  int64_t V, W, L;
+};
+PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps);
+void check_clock(const at::Tensor& clock, const at::Tensor& phrases);
+void check_keys(const at::Tensor& keys, const at::Tensor& phrases, const char* name);
+void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
+                       const at::Tensor& phrases);
+void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases);
+
+// CPU implementations (pool_cpu.cpp).
+void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
+                     const at::Tensor& keys, const at::Tensor& new_phrases);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
+                                                               const at::Tensor& stamps,
+                                                               const at::Tensor& keys, int64_t k);
+void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
+                     const at::Tensor& slots, const at::Tensor& new_phrases);
+
+#ifdef OUROBOROS_WITH_CUDA
+// The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
+int64_t cuda_runtime_build_version();
+#endif
+
+}  // namespace ouroboros

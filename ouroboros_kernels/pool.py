@@ -1,0 +1,454 @@
+"""The candidate pool: n-gram phrases keyed by token, with LRU recency, on any device.
+
+``CandidatePool`` wraps the compiled ops ``torch.ops.ouroboros_kernels.pool_insert``,
+``pool_lookup`` and ``pool_refine`` (C++ on the CPU, CUDA on the GPU; identical results
+for the same op sequence). State is three plain tensors:
+
+* ``phrases``: int32 ``[V, W, L]`` (an empty slot holds -1s),
+* ``stamps``:  int64 ``[V, W]`` recency stamps (0 = empty slot),
+* ``clock``:   int64 ``[1]`` stamps handed out so far, kept on the pool's device so no
+  operation ever needs a host synchronisation.
+
+Semantics (see ``csrc/pool.h`` for the complete statement):
+
+* ``insert`` applies its entries in index order; entry ``i`` gets stamp ``clock + i + 1``.
+  A phrase already under its key becomes the most recent; a new phrase takes the
+  lowest-index empty slot, else evicts the least recent slot.
+* ``lookup`` returns the ``k`` most recent phrases of each key, newest first, with their
+  slot indices; rows past the count hold -1. Reads never change recency.
+* ``refine`` overwrites a slot's phrase in place (recency unchanged); if the new phrase is
+  already under that key in another slot, the refined slot is emptied instead. Refining an
+  empty slot does nothing.
+* ``-1`` marks padding: a key of -1, a slot of -1, or a phrase containing -1 makes the
+  entry a no-op (a lookup of key -1 returns count 0). Callers can therefore pass
+  fixed-size batches. Any other out-of-range value raises ``ValueError`` on the CPU; on
+  CUDA the op cannot raise without a host sync and skips such entries, unless the call
+  passes ``validate=True`` (which syncs).
+
+Argument policy: ``keys`` may be int64 or int32 (int32 is converted, costing one small
+copy); ``phrases``/``tokens`` int32 or int64; ``slots`` int32 or int64. All must be on
+the pool's device. The checks here read only tensor metadata, never device data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from typing import Any, NamedTuple
+
+import torch
+
+from ._ext import load_extension
+
+__all__ = ["CandidatePool", "PoolFileError", "PoolLookup"]
+
+FORMAT_NAME = "ouroboros-candidate-pool"
+FORMAT_VERSION = 1
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_STATE_NAMES = ("phrases", "stamps", "clock")
+
+
+class PoolFileError(ValueError):
+    """A pool file is unreadable, corrupt, of another format version, or does not match."""
+
+
+class PoolLookup(NamedTuple):
+    """Result of :meth:`CandidatePool.lookup` (unpacks as a 3-tuple).
+
+    phrases: int32 ``[M, k, L]``, newest first, -1 rows past ``counts``.
+    counts:  int32 ``[M]``, number of valid rows per key (``<= min(k, W)``).
+    slots:   int32 ``[M, k]``, slot index of each row (for :meth:`CandidatePool.refine`),
+             -1 past ``counts``.
+    """
+
+    phrases: torch.Tensor
+    counts: torch.Tensor
+    slots: torch.Tensor
+
+
+_ops: Any = None
+
+
+def _pool_ops() -> Any:
+    global _ops
+    if _ops is None:
+        load_extension()
+        namespace = torch.ops.ouroboros_kernels
+        _ops = (namespace.pool_insert.default, namespace.pool_lookup.default,
+                namespace.pool_refine.default)
+    return _ops
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _index_tensor(name: str, value: Any, ndim: int, device: torch.device) -> torch.Tensor:
+    """Type/dtype/rank/device checks on metadata only (cheap; never syncs)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name}: expected an int64 or int32 tensor, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: on {value.device}, but the pool is on {device}")
+    return value
+
+
+def _check_range(name: str, values: torch.Tensor, upper: int) -> None:
+    """Values must be -1 (padding) or in [0, upper). Reads the data (syncs on CUDA)."""
+    if values.numel() == 0:
+        return
+    bad = (values < -1) | (values >= upper)
+    if bool(bad.any()):
+        first = values[bad].flatten()[0].item()
+        raise ValueError(f"{name}: holds {first}; expected values in [0, {upper}) or -1 "
+                         "for padding")
+
+
+class CandidatePool:
+    """N-gram candidate pool with W slots of L-token phrases for each of V key tokens.
+
+    Args:
+        vocab_size: V, number of keys (token ids ``0 .. V-1``).
+        capacity: W, phrases kept per key (least recently inserted is evicted).
+        phrase_len: L, tokens per phrase (an n-gram of level N = L + 1 minus its key).
+        device: where the state lives (default CPU). Every argument must be on it.
+
+    Memory: ``V * W * (4 * L + 8)`` bytes.
+    """
+
+    def __init__(self, vocab_size: int, capacity: int, phrase_len: int,
+                 device: torch.device | str | None = None) -> None:
+        _require_int("vocab_size", vocab_size, 1)
+        _require_int("capacity", capacity, 1)
+        _require_int("phrase_len", phrase_len, 1)
+        self._insert_op, self._lookup_op, self._refine_op = _pool_ops()
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self._phrases = torch.full((vocab_size, capacity, phrase_len), -1, dtype=torch.int32,
+                                   device=device)
+        self._stamps = torch.zeros((vocab_size, capacity), dtype=torch.int64, device=device)
+        self._clock = torch.zeros(1, dtype=torch.int64, device=device)
+        self._device = self._phrases.device  # normalised, e.g. cuda -> cuda:0
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        return self._phrases.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self._phrases.shape[1]
+
+    @property
+    def phrase_len(self) -> int:
+        return self._phrases.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors."""
+        return sum(t.numel() * t.element_size() for t in (self._phrases, self._stamps,
+                                                             self._clock))
+
+    def __repr__(self) -> str:
+        return (f"CandidatePool(vocab_size={self.vocab_size}, capacity={self.capacity}, "
+                f"phrase_len={self.phrase_len}, device='{self.device}')")
+
+    def num_phrases(self) -> int:
+        """Number of phrases stored (all keys). Reads the state: syncs on CUDA."""
+        return int(torch.count_nonzero(self._stamps).item())
+
+    # ------------------------------------------------------------------ ops
+
+    def _keys(self, keys: Any, validate: bool) -> torch.Tensor:
+        keys = _index_tensor("keys", keys, 1, self._device)
+        if keys.dtype != torch.int64:
+            keys = keys.to(torch.int64)
+        if validate:
+            _check_range("keys", keys, self.vocab_size)
+        return keys
+
+    def _new_phrases(self, phrases: Any, num_rows: int, validate: bool) -> torch.Tensor:
+        phrases = _index_tensor("phrases", phrases, 2, self._device)
+        if phrases.shape[0] != num_rows or phrases.shape[1] != self.phrase_len:
+            raise ValueError(f"phrases: expected shape [{num_rows}, {self.phrase_len}] "
+                             f"([M, L]), got {tuple(phrases.shape)}")
+        if validate:
+            _check_range("phrases", phrases, 2**31)
+        return phrases
+
+    def lookup(self, keys: torch.Tensor, k: int, *, validate: bool = False) -> PoolLookup:
+        """The ``k`` most recent phrases of each key, newest first.
+
+        Args:
+            keys: int64 (or int32) ``[M]`` key tokens; -1 = padding (count 0).
+            k: rows per key, ``k >= 1`` (``k > W`` allowed: the extra rows are -1).
+            validate: also range-check ``keys`` on CUDA (syncs). The CPU op always checks.
+        Returns:
+            ``PoolLookup(phrases int32 [M, k, L], counts int32 [M], slots int32 [M, k])``;
+            rows past ``counts`` are -1. Recency is not changed.
+        """
+        keys = self._keys(keys, validate)
+        if type(k) is not int:
+            _require_int("k", k, 1)
+        if k < 1:
+            raise ValueError(f"k: expected an int >= 1, got {k}")
+        return PoolLookup(*self._lookup_op(self._phrases, self._stamps, keys, k))
+
+    def insert(self, keys: torch.Tensor, phrases: torch.Tensor, *,
+               validate: bool = False) -> None:
+        """Insert ``phrases[i]`` under ``keys[i]`` for i in order (LRU; see module doc).
+
+        Args:
+            keys: int64 (or int32) ``[M]``; -1 = padding (entry skipped).
+            phrases: int32 or int64 ``[M, L]``; a row containing -1 is padding.
+            validate: also range-check the arguments on CUDA (syncs).
+        """
+        keys = self._keys(keys, validate)
+        phrases = self._new_phrases(phrases, keys.shape[0], validate)
+        self._insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+
+    def refine(self, keys: torch.Tensor, slots: torch.Tensor, phrases: torch.Tensor, *,
+               validate: bool = False) -> None:
+        """Overwrite the phrase in slot ``slots[i]`` of ``keys[i]``, for i in order.
+
+        The slot keeps its recency. If ``phrases[i]`` is already under that key in
+        another slot, the refined slot is emptied instead (phrases stay distinct).
+        Refining an empty slot does nothing.
+
+        Args:
+            keys: int64 (or int32) ``[M]``; -1 = padding.
+            slots: int32 or int64 ``[M]`` in ``[0, W)`` (as returned by :meth:`lookup`);
+                -1 = padding.
+            phrases: int32 or int64 ``[M, L]``; a row containing -1 is padding.
+            validate: also range-check the arguments on CUDA (syncs).
+        """
+        keys = self._keys(keys, validate)
+        slots = _index_tensor("slots", slots, 1, self._device)
+        if slots.shape[0] != keys.shape[0]:
+            raise ValueError(f"slots: expected shape [{keys.shape[0]}] ([M]), got "
+                             f"{tuple(slots.shape)}")
+        if validate:
+            _check_range("slots", slots, self.capacity)
+        phrases = self._new_phrases(phrases, keys.shape[0], validate)
+        self._refine_op(self._phrases, self._stamps, keys, slots, phrases)
+
+    def insert_ngrams(self, tokens: torch.Tensor, n: int | None = None) -> None:
+        """Insert every n-gram of a token sequence: key ``tokens[t]``, phrase
+        ``tokens[t+1 : t+1+L]``, in sequence order (later occurrences are more recent).
+
+        Args:
+            tokens: int64 (or int32) ``[S]`` on the pool's device. Fewer than ``n`` tokens
+                insert nothing.
+            n: n-gram level; defaults to and must equal ``phrase_len + 1``.
+        """
+        tokens = _index_tensor("tokens", tokens, 1, self._device)
+        L = self.phrase_len
+        if n is not None:
+            _require_int("n", n, 2)
+            if n != L + 1:
+                raise ValueError(f"n: this pool stores {L}-token phrases, so n must be "
+                                 f"{L + 1}, got {n}")
+        count = tokens.shape[0] - L
+        if count <= 0:
+            return
+        keys = tokens[:count]
+        if keys.dtype != torch.int64:
+            keys = keys.to(torch.int64)
+        phrases = tokens.unfold(0, L, 1)[1:]  # [count, L]: window t+1 .. t+L for key t
+        self._insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+
+    def clear(self) -> None:
+        """Empty every slot and reset the clock (no reallocation)."""
+        self._phrases.fill_(-1)
+        self._stamps.zero_()
+        self._clock.zero_()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live state tensors (not copies): ``phrases`` int32 [V, W, L], ``stamps``
+        int64 [V, W], ``clock`` int64 [1]."""
+        return {"phrases": self._phrases, "stamps": self._stamps, "clock": self._clock}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a state (as from :meth:`state_dict`) into this pool, after validating its
+        keys, shapes, dtypes and values (raises ValueError/TypeError)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+        _validate_state(state, (self.vocab_size, self.capacity, self.phrase_len))
+        self._phrases.copy_(state["phrases"])
+        self._stamps.copy_(state["stamps"])
+        self._clock.copy_(state["clock"])
+
+    def to(self, device: torch.device | str) -> CandidatePool:
+        """Move the state to ``device`` (in place, like ``nn.Module.to``); returns self."""
+        device = torch.device(device)
+        self._phrases = self._phrases.to(device)
+        self._stamps = self._stamps.to(device)
+        self._clock = self._clock.to(device)
+        self._device = self._phrases.device
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pool to ``path`` (safetensors) atomically.
+
+        The data goes to a temporary file in the same directory, is fsynced, and then
+        renamed over ``path``; a failure at any point leaves an existing file untouched.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().to("cpu").contiguous()
+                   for name, t in self.state_dict().items()}
+        metadata = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "vocab_size": str(self.vocab_size),
+            "capacity": str(self.capacity),
+            "phrase_len": str(self.phrase_len),
+            "crc32": str(_crc32(tensors)),
+        }
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                        dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp_path, metadata=metadata)
+            with open(tmp_path, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o644)
+            os.replace(tmp_path, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None, *,
+             vocab_size: int | None = None, capacity: int | None = None,
+             phrase_len: int | None = None) -> CandidatePool:
+        """Read a pool written by :meth:`save` onto ``device`` (default CPU).
+
+        ``vocab_size``/``capacity``/``phrase_len``, when given, must match the file.
+        Raises ``FileNotFoundError`` if there is no file and :class:`PoolFileError` (a
+        ValueError) if it is unreadable, truncated, corrupt, of another format version,
+        or does not match.
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pool file not found: {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                names = set(f.keys())
+                tensors = {name: f.get_tensor(name) for name in names}
+        except Exception as err:  # safetensors raises its own error types
+            raise PoolFileError(f"{path}: not a readable pool file ({err})") from err
+
+        def fail(message: str) -> PoolFileError:
+            return PoolFileError(f"{path}: {message}")
+
+        if metadata.get("format") != FORMAT_NAME:
+            raise fail(f"not an {FORMAT_NAME} file (format={metadata.get('format')!r})")
+        if metadata.get("format_version") != str(FORMAT_VERSION):
+            raise fail(f"format version {metadata.get('format_version')!r} is not supported "
+                       f"(this version reads {FORMAT_VERSION})")
+        if names != set(_STATE_NAMES):
+            raise fail(f"expected tensors {sorted(_STATE_NAMES)}, found {sorted(names)}")
+        try:
+            dims = tuple(int(metadata[name]) for name in ("vocab_size", "capacity",
+                                                          "phrase_len"))
+            crc = int(metadata["crc32"])
+        except (KeyError, ValueError) as err:
+            raise fail(f"bad or missing metadata ({err})") from err
+        for name, expected in zip(("vocab_size", "capacity", "phrase_len"),
+                                  (vocab_size, capacity, phrase_len), strict=True):
+            if expected is not None and expected != int(metadata[name]):
+                raise fail(f"{name} is {metadata[name]}, expected {expected}")
+        try:
+            _validate_state(tensors, dims)
+        except (ValueError, TypeError) as err:
+            raise fail(str(err)) from err
+        if _crc32(tensors) != crc:
+            raise fail("checksum mismatch: the file is corrupt")
+        pool = cls(*dims, device="cpu")
+        pool._phrases.copy_(tensors["phrases"])
+        pool._stamps.copy_(tensors["stamps"])
+        pool._clock.copy_(tensors["clock"])
+        return pool.to(device) if device is not None else pool
+
+
+def _crc32(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for name in _STATE_NAMES:
+        crc = zlib.crc32(tensors[name].contiguous().numpy().view("uint8").data, crc)
+    return crc
+
+
+def _validate_state(state: dict[str, Any], dims: tuple[int, int, int]) -> None:
+    """Check a pool state's names, dtypes, shapes and values; raise ValueError/TypeError."""
+    V, W, L = dims
+    missing = [name for name in _STATE_NAMES if name not in state]
+    if missing:
+        raise ValueError(f"state: missing {missing}")
+    specs = {"phrases": (torch.int32, (V, W, L)), "stamps": (torch.int64, (V, W)),
+             "clock": (torch.int64, (1,))}
+    for name, (dtype, shape) in specs.items():
+        t = state[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state[{name!r}]: expected a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"state[{name!r}]: expected {dtype}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"state[{name!r}]: expected shape {list(shape)}, got "
+                             f"{list(t.shape)}")
+    phrases = state["phrases"].to("cpu")
+    stamps = state["stamps"].to("cpu")
+    clock = int(state["clock"].to("cpu")[0])
+    occupied = stamps != 0
+    if bool((stamps < 0).any()):
+        raise ValueError("state['stamps']: negative stamp")
+    if clock < 0 or (stamps.numel() and int(stamps.max()) > clock):
+        raise ValueError("state['clock']: smaller than a stamp (or negative)")
+    if bool((phrases[~occupied] != -1).any()):
+        raise ValueError("state['phrases']: an empty slot (stamp 0) holds a phrase")
+    if bool((phrases[occupied] < 0).any()):
+        raise ValueError("state['phrases']: an occupied slot holds a negative token")
+    # Phrases of one key must be distinct: compare all slot pairs, a block of keys at a time.
+    off_diagonal = ~torch.eye(W, dtype=torch.bool)
+    block = max(1, (1 << 24) // max(1, W * W * L))
+    for start in range(0, V, block):
+        p = phrases[start:start + block]
+        occ = occupied[start:start + block]
+        same = (p[:, :, None, :] == p[:, None, :, :]).all(-1)
+        same &= occ[:, :, None] & occ[:, None, :] & off_diagonal
+        if bool(same.any()):
+            key = start + int(same.flatten(1).any(1).nonzero()[0])
+            raise ValueError(f"state['phrases']: key {key} holds the same phrase twice")
