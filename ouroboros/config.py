@@ -1,0 +1,182 @@
+"""One dataclass configures every decoding method of the engine.
+
+Greedy decoding, classic speculative decoding, lookahead decoding and Ouroboros are
+*presets* of `OuroborosConfig`: they run through the same loop (`ouroboros.generate`),
+so every comparison and every ablation is one flag on one code path.
+
+Notation of the paper and of DESIGN.md §2: ``gamma`` (γ) draft tokens per step, ``ngram``
+(N) the n-gram level (pool phrases hold L = N - 1 tokens after their key token),
+``pool_capacity`` (W) phrases kept per key, ``num_suffixes`` (K) pool phrases verified
+after the draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+__all__ = ["ATTENTION_BACKENDS", "PRESETS", "OuroborosConfig"]
+
+ATTENTION_BACKENDS = ("triton", "reference")
+PRESETS = ("greedy", "speculative", "lookahead", "ouroboros")
+
+
+@dataclass
+class OuroborosConfig:
+    """Configuration of the decoding engine (defaults: the ``ouroboros`` preset).
+
+    Drafting:
+        use_draft: run the draft model (``False``: the target drafts for itself from the
+            pool and its Jacobi window, as in lookahead decoding, or not at all: greedy).
+        gamma: γ, draft tokens verified per step, as one chain. Default 6.
+        draft_phrases: pool phrases keyed by the current last token tried in each draft
+            forward pass (phrase-level drafting); 0 drafts token by token. Default 4.
+        window: run a Jacobi window (lookahead decoding's lookahead branch) in the model
+            that drafts (the draft model, or the target when ``use_draft`` is False); each
+            pass turns its trajectory into fresh n-grams for the pool. Default off.
+        window_size: columns of the Jacobi window (it has L = ngram - 1 rows). Default 4.
+
+    Candidate pool:
+        ngram: N; pool phrases hold ``ngram - 1`` tokens. Default 4.
+        pool_capacity: W, phrases kept per key token (least recently inserted evicted).
+            Default 16.
+        num_suffixes: K, the most recent pool phrases keyed by the last draft token,
+            verified as branches after the draft chain (trie-merged). Default 4.
+        seed_pool_from_prompt: insert the prompt's n-grams before decoding. Default on.
+        pool_from_output: insert the n-grams of every committed chunk. Default on.
+        inspiration: insert n-grams of the target's predictions along the rejected tail
+            of the draft (candidate inspiration). Default on.
+        refinement: overwrite each verified suffix in place with the target's corrected
+            version (candidate refinement). Default on.
+        warm_start: keep the pool across ``generate`` calls of one `OuroborosDecoder`
+            (``False``: cleared at the start of each call). Default on.
+
+    Engine:
+        attention_backend: ``"triton"``, ``"reference"`` or ``None`` (``None``: the
+            environment variable ``OUROBOROS_ATTENTION_BACKEND`` if set, else Triton for
+            CUDA tensors and the PyTorch reference for CPU tensors).
+        force_architecture: allow models other than the verified ``LlamaForCausalLM``.
+        cache_margin: spare rows in the static KV caches beyond prompt + max_new_tokens +
+            the largest tree. Default 8.
+        window_seed: seed of the Jacobi window's initial guesses (drawn from the prompt).
+
+    None of these settings changes the output: greedy decoding is token-for-token that of
+    ``target.generate(do_sample=False)`` for every configuration, sampling has the target's
+    distribution. They only change the speed.
+    """
+
+    use_draft: bool = True
+    gamma: int = 6
+    draft_phrases: int = 4
+    window: bool = False
+    window_size: int = 4
+    ngram: int = 4
+    pool_capacity: int = 16
+    num_suffixes: int = 4
+    seed_pool_from_prompt: bool = True
+    pool_from_output: bool = True
+    inspiration: bool = True
+    refinement: bool = True
+    warm_start: bool = True
+    attention_backend: str | None = None
+    force_architecture: bool = False
+    cache_margin: int = 8
+    window_seed: int = 0
+    name: str = "ouroboros"
+
+    def __post_init__(self) -> None:
+        for field in ("use_draft", "window", "seed_pool_from_prompt", "pool_from_output",
+                      "inspiration", "refinement", "warm_start", "force_architecture"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"{field} must be a bool, got {getattr(self, field)!r}")
+        minimum = {"gamma": 1 if self.use_draft else 0, "draft_phrases": 0, "window_size": 1,
+                   "ngram": 2, "pool_capacity": 1, "num_suffixes": 0, "cache_margin": 0,
+                   "window_seed": 0}
+        for field, low in minimum.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{field} must be an int >= {low}, got {value!r}")
+        if not self.use_draft and self.gamma != 0:
+            raise ValueError(f"gamma must be 0 without a draft model (use_draft=False), got "
+                             f"{self.gamma}")
+        if self.attention_backend is not None and self.attention_backend not in \
+                ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS} or None, "
+                             f"got {self.attention_backend!r}")
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def phrase_len(self) -> int:
+        """L = N - 1, tokens per pool phrase."""
+        return self.ngram - 1
+
+    @property
+    def uses_pool(self) -> bool:
+        """Whether any part of the configuration reads or writes the candidate pool."""
+        drafting_from_pool = self.use_draft and self.draft_phrases > 0
+        return drafting_from_pool or self.num_suffixes > 0 or self.window
+
+    @property
+    def largest_draft_tree(self) -> int:
+        """Most tokens one draft forward pass can feed (pending + phrases + window)."""
+        if not self.use_draft:
+            return 0
+        pending = self.phrase_len + 2 if self.uses_pool else 2
+        window = self.window_size * self.phrase_len if self.window else 0
+        return pending + self.draft_phrases * self.phrase_len + window
+
+    @property
+    def largest_target_tree(self) -> int:
+        """Most tokens one target verification pass can feed."""
+        window = self.window_size * self.phrase_len if (self.window and not self.use_draft) \
+            else 0
+        return 1 + self.gamma + self.num_suffixes * self.phrase_len + window
+
+    def replace(self, **changes) -> OuroborosConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> OuroborosConfig:
+        """The configuration of a named method, with optional field overrides.
+
+        * ``greedy``: the target alone, one token per forward pass.
+        * ``speculative``: the classic method: the draft model writes a chain of ``gamma``
+          tokens token by token, the target verifies it; no pool.
+        * ``lookahead``: no draft model: the target verifies pool phrases keyed by the last
+          token and runs a Jacobi window that feeds the pool (lookahead decoding).
+        * ``ouroboros``: phrase-level drafting with the pool, candidate suffixes,
+          inspiration, refinement, warm start (the defaults of this class).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"method must be one of {PRESETS}, got {name!r}")
+        base: dict = {"name": name}
+        if name == "greedy":
+            base.update(use_draft=False, gamma=0, draft_phrases=0, num_suffixes=0,
+                        window=False, seed_pool_from_prompt=False, pool_from_output=False,
+                        inspiration=False, refinement=False)
+        elif name == "speculative":
+            base.update(use_draft=True, gamma=4, draft_phrases=0, num_suffixes=0,
+                        window=False, seed_pool_from_prompt=False, pool_from_output=False,
+                        inspiration=False, refinement=False)
+        elif name == "lookahead":
+            base.update(use_draft=False, gamma=0, draft_phrases=0, num_suffixes=4,
+                        window=True, window_size=4, ngram=4, inspiration=False,
+                        refinement=False, seed_pool_from_prompt=False, pool_from_output=False)
+        base.update(overrides)
+        return cls(**base)
+
+
+def backend_from_environment() -> str | None:
+    """``OUROBOROS_ATTENTION_BACKEND`` (``triton`` or ``reference``), or None when unset."""
+    value = os.environ.get("OUROBOROS_ATTENTION_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in ATTENTION_BACKENDS:
+        raise ValueError(f"OUROBOROS_ATTENTION_BACKEND must be one of {ATTENTION_BACKENDS}, got "
+                         f"{value!r}")
+    return value

@@ -1,0 +1,302 @@
+"""Public API: `OuroborosDecoder` (keeps the candidate pool warm across calls) and
+`generate` (one call, cold pool).
+
+>>> decoder = OuroborosDecoder(target, draft, OuroborosConfig.preset("ouroboros"))
+>>> result = decoder.generate(input_ids, max_new_tokens=128)
+>>> result.sequences, result.stats.mean_accepted
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ouroboros.attention import check_architecture, enable_ouroboros_attention, resolve_backend
+from ouroboros.cache import StaticKVCache, cache_kwarg_name
+from ouroboros.config import OuroborosConfig
+from ouroboros.generate import (
+    GenerationResult,
+    GenerationStats,
+    JacobiWindow,
+    ModelRunner,
+    Session,
+    StopRules,
+    insert_sequence_ngrams,
+    run_generation,
+)
+from ouroboros.sampling import SamplingParams
+
+__all__ = ["OuroborosDecoder", "generate"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _parameter(model: torch.nn.Module, name: str) -> torch.Tensor:
+    try:
+        return next(model.parameters())
+    except (StopIteration, AttributeError) as err:
+        raise TypeError(f"{name} must be a torch.nn.Module with parameters (a causal LM), "
+                        f"got {type(model).__name__}") from err
+
+
+def _special_ids(model: torch.nn.Module) -> dict[str, object]:
+    ids = {}
+    for source in (model.config, getattr(model, "generation_config", None)):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                ids[name] = sorted(value) if isinstance(value, (list, tuple)) else [value]
+    return ids
+
+
+def check_models(target: torch.nn.Module, draft: torch.nn.Module | None,
+                 config: OuroborosConfig, backend: str) -> None:
+    """Clear errors for model pairs the engine cannot run exactly (see `OuroborosDecoder`)."""
+    target_parameter = _parameter(target, "target")
+    check_architecture(target, "target", config.force_architecture)
+    if target_parameter.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"target dtype {target_parameter.dtype} is not supported (float32, "
+                        "float16, bfloat16; float64 with the reference backend)")
+    if target_parameter.dtype == torch.float64 and backend == "triton":
+        raise TypeError("float64 models need attention_backend='reference' (the Triton kernel "
+                        "takes fp16, bf16 and fp32)")
+    if draft is None:
+        if config.use_draft:
+            raise ValueError(f"method {config.name!r} needs a draft model (use_draft=True): pass "
+                             "draft=..., or use the 'lookahead' or 'greedy' preset")
+        return
+    draft_parameter = _parameter(draft, "draft")
+    check_architecture(draft, "draft", config.force_architecture)
+    if draft_parameter.dtype != target_parameter.dtype:
+        raise TypeError(f"draft dtype {draft_parameter.dtype} differs from target dtype "
+                        f"{target_parameter.dtype}; load both in the same dtype")
+    if draft_parameter.device != target_parameter.device:
+        raise ValueError(f"draft is on {draft_parameter.device} but target is on "
+                         f"{target_parameter.device}; put both on the same device")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft and target must share the tokenizer: vocab sizes differ "
+                         f"(draft {draft.config.vocab_size}, target "
+                         f"{target.config.vocab_size})")
+    target_ids, draft_ids = _special_ids(target), _special_ids(draft)
+    for name in sorted(set(target_ids) & set(draft_ids)):
+        if target_ids[name] != draft_ids[name]:
+            raise ValueError(f"draft and target must share the tokenizer: {name} differs "
+                             f"(draft {draft_ids[name]}, target {target_ids[name]})")
+
+
+def _prompt_tokens(input_ids: object) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.is_floating_point() or input_ids.is_complex() or \
+                input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"input_ids has batch size {input_ids.shape[0]}; this version "
+                                 "decodes one sequence at a time (batch size 1)")
+            input_ids = input_ids[0]
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be [1, S] or [S], got shape "
+                             f"{tuple(input_ids.shape)}")
+        tokens = input_ids.tolist()
+    elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
+        tokens = list(input_ids)
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+            raise TypeError("input_ids as a sequence must hold ints (token ids)")
+    else:
+        raise TypeError(f"input_ids must be a LongTensor [1, S] or a list of ints, got "
+                        f"{type(input_ids).__name__}")
+    if not tokens:
+        raise ValueError("input_ids is empty: the prompt needs at least one token")
+    return tokens
+
+
+def _eos_ids(target: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> frozenset:
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(target.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(t) for t in eos_token_id)
+
+
+class OuroborosDecoder:
+    """Lossless speculative decoding of ``target`` with ``draft`` under one configuration.
+
+    Args:
+        target: a ``LlamaForCausalLM`` (other architectures need
+            ``config.force_architecture``); switched to the ``"ouroboros"`` attention, which
+            leaves its ordinary use (``generate()``, forward) exactly as with SDPA.
+        draft: a smaller causal LM with the same tokenizer, or None for the presets without a
+            draft (``greedy``, ``lookahead``). May be the target itself.
+        config: an `OuroborosConfig`, a preset name, or None (the ``ouroboros`` preset).
+
+    The candidate pool lives in the decoder: with ``config.warm_start`` every call starts
+    from what earlier calls learned (`save_pool` / `load_pool` carry it across processes).
+
+    Raises:
+        ValueError / TypeError: unverified architecture, missing draft, vocabulary or special
+            token mismatch, dtype or device mismatch, unsupported dtype.
+    """
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None = None,
+                 config: OuroborosConfig | str | None = None) -> None:
+        if config is None:
+            config = OuroborosConfig()
+        elif isinstance(config, str):
+            config = OuroborosConfig.preset(config)
+        elif not isinstance(config, OuroborosConfig):
+            raise TypeError(f"config must be an OuroborosConfig, a preset name or None, got "
+                            f"{type(config).__name__}")
+        device = _parameter(target, "target").device
+        self.backend = resolve_backend(config.attention_backend, device)
+        check_models(target, draft, config, self.backend)
+        self.config = config
+        self.target = target
+        self.draft = draft if config.use_draft else None
+        enable_ouroboros_attention(target, force=config.force_architecture)
+        if self.draft is not None:
+            enable_ouroboros_attention(self.draft, force=config.force_architecture)
+        self.device = device
+        self.pool = None
+        if config.uses_pool:
+            from ouroboros_kernels import CandidatePool
+
+            self.pool = CandidatePool(target.config.vocab_size, config.pool_capacity,
+                                      config.phrase_len, device=device)
+        self._caches: dict[str, StaticKVCache] = {}
+
+    # ------------------------------------------------------------------ pool
+
+    def save_pool(self, path: str | os.PathLike) -> None:
+        """Write the candidate pool to ``path`` (safetensors, atomic)."""
+        if self.pool is None:
+            raise ValueError(f"method {self.config.name!r} keeps no candidate pool")
+        self.pool.save(path)
+
+    def load_pool(self, path: str | os.PathLike) -> None:
+        """Replace the candidate pool by one saved with `save_pool` (same vocabulary, W, N)."""
+        if self.pool is None:
+            raise ValueError(f"method {self.config.name!r} keeps no candidate pool")
+        from ouroboros_kernels import CandidatePool
+
+        self.pool = CandidatePool.load(path, self.device, vocab_size=self.pool.vocab_size,
+                                       capacity=self.pool.capacity,
+                                       phrase_len=self.pool.phrase_len)
+
+    def clear_pool(self) -> None:
+        """Forget every phrase."""
+        if self.pool is not None:
+            self.pool.clear()
+
+    # ------------------------------------------------------------------ decoding
+
+    def _runner(self, name: str, model: torch.nn.Module, rows: int) -> ModelRunner:
+        parameter = next(model.parameters())
+        cache = self._caches.get(name)
+        if cache is None or not cache.fits(1, rows, parameter.dtype, parameter.device):
+            cache = StaticKVCache.for_model(model, rows)
+            self._caches[name] = cache
+        cache.reset()
+        return ModelRunner(model, cache, cache_kwarg_name(model), self.backend)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128, *,
+                 do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 stop: Callable[[list[int]], bool] | None = None,
+                 streamer: Callable[[list[int]], None] | object | None = None,
+                 ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+
+        Args:
+            input_ids: ``int64[1, S]`` (or ``[S]``, or a list of ints), S >= 1.
+            max_new_tokens: >= 1; never exceeded, even when one step accepts many tokens.
+            do_sample, temperature, top_k, top_p: greedy by default (identical to
+                ``target.generate(do_sample=False)``); with ``do_sample=True`` (or a
+                temperature > 0) tokens are drawn from the target's processed distribution.
+            seed / generator: randomness of sampling (a ``torch.Generator`` on the models'
+                device, or a seed for a new one).
+            eos_token_id: id or ids ending generation (emitted, then stop); None: the
+                target's generation config. ``[]`` disables it.
+            stop: ``stop(new_tokens: list[int]) -> bool`` called after every emitted token;
+                True ends generation after that token.
+            streamer: called with each accepted chunk (``list[int]``) as soon as it is
+                committed; an object with ``put``/``end`` (transformers' streamers) gets
+                ``put(LongTensor chunk)`` and ``end()``.
+
+        Returns:
+            `GenerationResult` with ``sequences: int64[1, S + new]`` and ``stats``.
+        """
+        config = self.config
+        prompt = _prompt_tokens(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        vocab = self.target.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got "
+                             f"values in [{min(prompt)}, {max(prompt)}]")
+        for name, model in (("target", self.target), ("draft", self.draft)):
+            limit = getattr(model.config, "max_position_embeddings", None) if model else None
+            if limit is not None and len(prompt) + max_new_tokens > limit:
+                raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens "
+                                 f"({max_new_tokens}) exceeds the {name}'s context of "
+                                 f"{limit} tokens")
+        sampling = SamplingParams.from_arguments(do_sample, temperature, top_k, top_p)
+        if sampling.do_sample and generator is None:
+            generator = torch.Generator(device=self.device)
+            if seed is not None:
+                generator.manual_seed(seed)
+            else:
+                generator.seed()
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be callable, got {type(stop).__name__}")
+        rules = StopRules(max_new_tokens, _eos_ids(self.target, eos_token_id), stop)
+
+        total = len(prompt) + max_new_tokens + config.cache_margin
+        target = self._runner("target", self.target, total + config.largest_target_tree)
+        draft = None
+        if self.draft is not None:
+            draft = self._runner("draft", self.draft,
+                                 total + config.gamma + config.largest_draft_tree)
+        if self.pool is not None and not config.warm_start:
+            self.pool.clear()
+        session = Session(config=config, target=target, draft=draft, pool=self.pool,
+                          sampling=sampling, generator=generator, tokens=list(prompt),
+                          stats=GenerationStats())
+        if self.pool is not None and config.seed_pool_from_prompt:
+            session.stats.prompt_ngrams = insert_sequence_ngrams(session, prompt)
+        if config.window:
+            window = JacobiWindow.from_prompt(prompt, config.phrase_len, config.window_size,
+                                              config.window_seed)
+            if draft is not None:
+                session.draft_window = window
+            else:
+                session.target_window = window
+
+        callback = streamer
+        if streamer is not None and hasattr(streamer, "put"):
+            def callback(chunk: list[int]) -> None:
+                streamer.put(torch.tensor(chunk, dtype=torch.int64))
+        elif streamer is not None and not callable(streamer):
+            raise TypeError("streamer must be callable or have put()/end() methods")
+        result = run_generation(session, len(prompt), rules, callback)
+        if streamer is not None and hasattr(streamer, "end"):
+            streamer.end()
+        return result
+
+
+def generate(target: torch.nn.Module, draft: torch.nn.Module | None,
+             input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128,
+             config: OuroborosConfig | str | None = None, **kwargs) -> GenerationResult:
+    """Generate with a fresh `OuroborosDecoder` (cold pool); ``kwargs`` as in
+    `OuroborosDecoder.generate` (sampling, eos_token_id, stop, streamer, seed)."""
+    decoder = OuroborosDecoder(target, draft, config)
+    return decoder.generate(input_ids, max_new_tokens, **kwargs)

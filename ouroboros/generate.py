@@ -1,0 +1,572 @@
+"""The decoding loop: greedy, speculative, lookahead and Ouroboros on one code path.
+
+One step of Ouroboros (DESIGN.md §2), as `decode_step` runs it:
+
+1. `draft_phase`: the draft model extends the committed text by γ tokens, phrase by
+   phrase: each draft pass feeds the pending tokens, the pool phrases keyed by the current
+   last token and (optionally) a Jacobi window; `accept` keeps the longest phrase the draft
+   agrees with plus the draft's own next token. The draft text is the draft's greedy text.
+2. `build_verification_tree`: pending token -> draft chain -> K pool suffixes keyed by the
+   last draft token (trie-merged, so identical paths are verified once) [-> the target's
+   Jacobi window in lookahead decoding].
+3. `forward_tree` on the target: one pass over the whole tree; `choose_tokens` gives the
+   target's choice (argmax or sample) after every node.
+4. `accept`: the deepest node whose path is all correct, plus the target's bonus token.
+5. `update_pool`: refinement of the verified suffixes, inspiration from the rejected tail,
+   window n-grams, n-grams of the committed text.
+6. `compact_caches`: the accepted rows move into place in the target's static cache (one
+   ``compact_kv`` over all layers), the draft's cache is rolled back to what is still valid.
+
+Plain speculative decoding is that step with token-by-token drafting and no pool, lookahead
+decoding is that step without a draft model (γ = 0, a window in the target), greedy decoding
+is that step with an empty tree. Every variant is exact: a token is emitted only when the
+target chose it in exactly that context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+import ouroboros_kernels
+from ouroboros.cache import StaticKVCache
+from ouroboros.config import OuroborosConfig
+from ouroboros.sampling import SamplingParams, choose_tokens
+
+__all__ = [
+    "GenerationResult",
+    "GenerationStats",
+    "JacobiWindow",
+    "ModelRunner",
+    "TokenTree",
+    "run_generation",
+]
+
+
+# ============================================================================ results
+
+
+@dataclass
+class GenerationStats:
+    """Counters and timings of one ``generate`` call.
+
+    Passes: ``target_passes`` counts verification passes (one per step; the prompt's
+    prefill is ``prefill_passes``), ``draft_passes`` the draft model's forward passes.
+    Tokens: ``new_tokens`` emitted; ``draft_tokens`` proposed by the draft and
+    ``accepted_draft_tokens`` of them accepted; ``suffix_tokens`` / ``window_tokens`` accepted
+    from pool suffixes / the target's Jacobi window; ``draft_phrase_tokens`` draft tokens
+    that came from pool phrases during drafting. Pool traffic: ``prompt_ngrams``,
+    ``output_ngrams``, ``inspiration_ngrams``, ``window_ngrams`` inserted, ``refinements``
+    written. Times in seconds: draft model passes, target verification (forward, choice,
+    acceptance), pool operations, and the rest.
+    """
+
+    new_tokens: int = 0
+    target_passes: int = 0
+    prefill_passes: int = 0
+    draft_passes: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
+    suffix_tokens: int = 0
+    window_tokens: int = 0
+    draft_phrase_tokens: int = 0
+    prompt_ngrams: int = 0
+    output_ngrams: int = 0
+    inspiration_ngrams: int = 0
+    window_ngrams: int = 0
+    refinements: int = 0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_pool: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per target verification pass (greedy decoding: 1.0)."""
+        return self.new_tokens / self.target_passes if self.target_passes else 0.0
+
+    @property
+    def time_other(self) -> float:
+        return max(0.0, self.time_total - self.time_draft - self.time_verify - self.time_pool)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    def summary(self) -> str:
+        """One human-readable line."""
+        return (f"{self.new_tokens} tokens in {self.time_total:.2f} s "
+                f"({self.tokens_per_second:.1f} tok/s); {self.target_passes} target passes "
+                f"({self.mean_accepted:.2f} tokens/pass), {self.draft_passes} draft passes; "
+                f"time draft {self.time_draft:.2f} s, verify {self.time_verify:.2f} s, "
+                f"pool {self.time_pool:.2f} s, other {self.time_other:.2f} s")
+
+
+@dataclass
+class GenerationResult:
+    """Output of ``generate``: ``sequences: int64[1, prompt + new]`` (like
+    ``model.generate``), ``prompt_length``, and the `GenerationStats`."""
+
+    sequences: torch.Tensor
+    prompt_length: int
+    stats: GenerationStats
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        """``int64[new]``: the generated tokens only."""
+        return self.sequences[0, self.prompt_length:]
+
+
+class _Timer:
+    """Adds the wall time of a ``with`` block to a stats field."""
+
+    def __init__(self, stats: GenerationStats, name: str) -> None:
+        self.stats, self.name = stats, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.stats, self.name,
+                getattr(self.stats, self.name) + time.perf_counter() - self.start)
+
+
+# ============================================================================ trees
+
+
+@dataclass
+class TokenTree:
+    """Tree nodes hanging from the end of the pending chain (parent -1), built as a trie:
+    a token under a parent that already has a child with that token reuses that child, so
+    identical paths are verified once and siblings always carry distinct tokens."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add_path(self, parent: int, path: Sequence[int]) -> list[int]:
+        """Hang ``path`` under node ``parent`` (-1: the pending end); returns its nodes."""
+        nodes = []
+        for token in path:
+            node = self._children.get((parent, token))
+            if node is None:
+                node = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self._children[(parent, token)] = node
+            nodes.append(node)
+            parent = node
+        return nodes
+
+
+# ============================================================================ the window
+
+
+class JacobiWindow:
+    """The lookahead branch of lookahead decoding (Fu et al., 2024), as tree nodes.
+
+    ``rows[j][c]`` (L rows, ``size`` columns) is a guess of the token ``c + j + 1`` places
+    after the current last token. Row 0 is a chain (each column sees the columns before it),
+    and row j of column c hangs from row j - 1 of column c: every node sees exactly the
+    guesses before it along its column's diagonal, so the window is an ordinary token tree
+    and needs no special mask (and a row-0 chain the model agrees with is even accepted).
+
+    After each pass, column c yields the n-gram ``rows[0][c], ..., rows[L-1][c], out[c]``
+    (``out``: the model's choice after the last row) for the pool; the rows then shift up
+    by one level and the outputs become the new last row (the next Jacobi iterate).
+    """
+
+    def __init__(self, rows: list[list[int]]) -> None:
+        self.rows = rows
+
+    @classmethod
+    def from_prompt(cls, prompt: Sequence[int], num_rows: int, size: int,
+                    seed: int) -> JacobiWindow:
+        """Initial guesses drawn (seeded) from the prompt's tokens."""
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(len(prompt), (num_rows, size), generator=generator).tolist()
+        return cls([[prompt[i] for i in row] for row in picks])
+
+    def attach(self, tree: TokenTree, parent: int) -> list[list[int]]:
+        """Add the window under ``parent``; returns the node of every cell ``[row][col]``."""
+        first = tree.add_path(parent, self.rows[0])
+        nodes = [first]
+        for row in self.rows[1:]:
+            nodes.append([tree.add_path(above, [token])[0]
+                          for above, token in zip(nodes[-1], row, strict=True)])
+        return nodes
+
+    def advance(self, nodes: list[list[int]],
+                choice_after: Callable[[int], int]) -> list[list[int]]:
+        """Take the pass's outputs; return the n-grams (``[key, phrase...]`` lists) and shift
+        the rows. ``choice_after(node)`` is the model's choice after a node."""
+        outputs = [choice_after(node) for node in nodes[-1]]
+        ngrams = [[row[c] for row in self.rows] + [outputs[c]] for c in range(len(outputs))]
+        self.rows = self.rows[1:] + [outputs]
+        return ngrams
+
+
+# ============================================================================ model passes
+
+
+@dataclass
+class ModelRunner:
+    """A model with its static cache and how to call it."""
+
+    model: torch.nn.Module
+    cache: StaticKVCache
+    cache_kwarg: str
+    backend: str
+
+    @property
+    def length(self) -> int:
+        """Committed rows in the cache (batch 1)."""
+        return self.cache.host_lengths[0]
+
+
+def forward_tree(runner: ModelRunner, pending: Sequence[int], tree: TokenTree) -> torch.Tensor:
+    """One forward pass over ``pending`` (committed tokens not yet in the cache, a chain,
+    at least one) followed by ``tree`` (hanging from the last pending token).
+
+    Returns the logits ``[len(tree) + 1, V]`` after the last pending token (row 0) and after
+    every tree node (row 1 + i). The K/V of all fed tokens are written behind the cache's
+    committed rows; `ModelRunner.cache.commit` decides what stays.
+    """
+    num_pending = len(pending)
+    tokens = list(pending) + tree.tokens
+    parents = list(range(-1, num_pending - 1)) + [
+        p + num_pending if p >= 0 else num_pending - 1 for p in tree.parents]
+    device = runner.cache.buffer.device
+    start = runner.length
+    input_ids = torch.tensor([tokens], dtype=torch.int64, device=device)
+    is_chain = all(p == i - 1 for i, p in enumerate(parents))
+    if is_chain:
+        tree_mask = None
+        positions = torch.arange(start, start + len(tokens), device=device)
+    else:
+        tree_mask, depths = ouroboros_kernels.build_tree(
+            torch.tensor(parents, dtype=torch.int32, device=device))
+        tree_mask = tree_mask[None]
+        positions = depths.to(torch.int64) + start
+    step = runner.cache.tree_step(len(tokens), tree_mask, is_chain, runner.backend)
+    output = runner.model(input_ids=input_ids, position_ids=positions[None], use_cache=True,
+                          logits_to_keep=len(tree) + 1, ouroboros_tree=step,
+                          **{runner.cache_kwarg: runner.cache})
+    return output.logits[0]
+
+
+def prefill(runner: ModelRunner, tokens: Sequence[int]) -> None:
+    """Write the K/V of ``tokens`` (all committed) into the runner's cache, one causal pass."""
+    if tokens:
+        forward_tree(runner, tokens, TokenTree())
+        runner.cache.commit(len(tokens))
+
+
+@dataclass
+class Acceptance:
+    """Outcome of `accept`: the accepted path (tree node indices, root first) with its
+    tokens, the bonus token, the choices at every node (host copies), and the device
+    tensors `StaticKVCache.commit` consumes."""
+
+    path: list[int]
+    path_tokens: list[int]
+    bonus: int
+    choices: list[int]
+    accepted_idx: torch.Tensor | None
+    accepted_len: torch.Tensor | None
+
+
+def accept(tree: TokenTree, choices: torch.Tensor, sampled: bool) -> Acceptance:
+    """Accept the deepest correct path of ``tree`` given ``choices: int64[len(tree) + 1]`` (the
+    model's choice after the pending end, then after each node). One host read."""
+    if len(tree) == 0:
+        host = choices.tolist()
+        return Acceptance([], [], host[0], host, None, None)
+    device = choices.device
+    tree_tokens = torch.tensor([tree.tokens], dtype=torch.int64, device=device)
+    parents = torch.tensor(tree.parents, dtype=torch.int32, device=device)
+    rule = ouroboros_kernels.accept_sampled if sampled else ouroboros_kernels.accept_greedy
+    accepted_idx, accepted_len, bonus = rule(tree_tokens, parents, choices[None])
+    host = torch.cat([accepted_len.to(torch.int64), bonus, accepted_idx[0].to(torch.int64),
+                      choices]).tolist()  # the one read of the pass
+    length, bonus_token = host[0], host[1]
+    path = host[2:2 + length]
+    return Acceptance(path, [tree.tokens[n] for n in path], bonus_token, host[2 + len(tree):],
+                      accepted_idx, accepted_len)
+
+
+# ============================================================================ the session
+
+
+@dataclass
+class Session:
+    """Everything one ``generate`` call works on, passed explicitly to each phase."""
+
+    config: OuroborosConfig
+    target: ModelRunner
+    draft: ModelRunner | None
+    pool: object | None  # ouroboros_kernels.CandidatePool
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int]
+    stats: GenerationStats
+    draft_window: JacobiWindow | None = None
+    target_window: JacobiWindow | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.cache.buffer.device
+
+
+def pool_phrases(session: Session, key: int, count: int) -> list[tuple[int, list[int]]]:
+    """The ``count`` most recent pool phrases keyed by ``key``: ``[(slot, tokens)]``."""
+    if session.pool is None or count == 0:
+        return []
+    with _Timer(session.stats, "time_pool"):
+        keys = torch.tensor([key], dtype=torch.int64, device=session.device)
+        phrases, counts, slots = session.pool.lookup(keys, count)
+        found = torch.cat([counts.to(torch.int64), slots[0].to(torch.int64),
+                           phrases[0].flatten().to(torch.int64)]).tolist()
+    num = found[0]
+    slot_list = found[1:1 + count]
+    flat = found[1 + count:]
+    length = session.pool.phrase_len
+    return [(slot_list[i], flat[i * length:(i + 1) * length]) for i in range(num)]
+
+
+def insert_ngrams(session: Session, ngrams: list[list[int]]) -> int:
+    """Insert ``[key, phrase...]`` n-grams into the pool; returns how many."""
+    if session.pool is None or not ngrams:
+        return 0
+    with _Timer(session.stats, "time_pool"):
+        rows = torch.tensor(ngrams, dtype=torch.int64, device=session.device)
+        session.pool.insert(rows[:, 0], rows[:, 1:])
+    return len(ngrams)
+
+
+def insert_sequence_ngrams(session: Session, tokens: Sequence[int]) -> int:
+    """Insert every n-gram of a token sequence; returns how many."""
+    length = session.config.phrase_len
+    if session.pool is None or len(tokens) <= length:
+        return 0
+    with _Timer(session.stats, "time_pool"):
+        session.pool.insert_ngrams(torch.tensor(list(tokens), dtype=torch.int64,
+                                                device=session.device))
+    return len(tokens) - length
+
+
+# ============================================================================ phases
+
+
+def draft_phase(session: Session) -> tuple[list[int], int]:
+    """Draft γ tokens with the draft model, phrase by phrase (DESIGN.md §2).
+
+    Each pass feeds the draft's pending tokens, the pool phrases keyed by the last token
+    and the Jacobi window; it keeps the longest phrase the draft agrees with and the draft's
+    own next token, so the draft text is exactly the draft's greedy continuation.
+
+    Returns ``(draft_tokens, cached)``: the γ draft tokens and how many of them have their
+    K/V in the draft cache (all but the last produced).
+    """
+    config, runner, stats = session.config, session.draft, session.stats
+    pending = session.tokens[runner.length:]
+    drafted: list[int] = []
+    with _Timer(stats, "time_draft"):
+        while len(drafted) < config.gamma:
+            tree = TokenTree()
+            for _, phrase in pool_phrases(session, pending[-1], config.draft_phrases):
+                tree.add_path(-1, phrase)
+            window_nodes = session.draft_window.attach(tree, -1) if session.draft_window \
+                else None
+            logits = forward_tree(runner, pending, tree)
+            outcome = accept(tree, logits.argmax(dim=-1), sampled=False)
+            runner.cache.commit(len(pending), outcome.accepted_idx, outcome.accepted_len,
+                                len(outcome.path))
+            stats.draft_passes += 1
+            stats.draft_phrase_tokens += len(outcome.path)
+            drafted += outcome.path_tokens + [outcome.bonus]
+            pending = [outcome.bonus]
+            if window_nodes is not None:
+                ngrams = session.draft_window.advance(
+                    window_nodes, lambda node, c=outcome.choices: c[node + 1])
+                stats.window_ngrams += insert_ngrams(session, ngrams)
+    return drafted[:config.gamma], min(len(drafted) - 1, config.gamma)
+
+
+@dataclass
+class VerificationTree:
+    """The target's tree of one step and what each node is: ``draft_nodes`` the draft chain
+    (nodes ``0 .. γ-1``), ``suffixes`` the pool phrases ``(key, slot, phrase, nodes)``
+    hanging from its end, ``window_nodes`` the target's Jacobi window (lookahead)."""
+
+    tree: TokenTree
+    draft_nodes: list[int]
+    suffixes: list[tuple[int, int, list[int], list[int]]]
+    window_nodes: list[list[int]] | None
+
+
+def build_verification_tree(session: Session, draft_tokens: list[int]) -> VerificationTree:
+    """Pending end -> draft chain -> K pool suffixes keyed by the last draft token (the last
+    committed token without a draft) [-> the target's Jacobi window]."""
+    tree = TokenTree()
+    draft_nodes = tree.add_path(-1, draft_tokens)
+    anchor = draft_nodes[-1] if draft_nodes else -1
+    key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
+    suffixes = []
+    for slot, phrase in pool_phrases(session, key, session.config.num_suffixes):
+        suffixes.append((key, slot, phrase, tree.add_path(anchor, phrase)))
+    window_nodes = session.target_window.attach(tree, -1) if session.target_window else None
+    return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
+
+
+def verify(session: Session, verification: VerificationTree) -> Acceptance:
+    """One target pass over pending + tree, the target's choice at every node, acceptance."""
+    stats = session.stats
+    with _Timer(stats, "time_verify"):
+        pending = session.tokens[session.target.length:]
+        logits = forward_tree(session.target, pending, verification.tree)
+        choices = choose_tokens(logits, session.sampling, session.generator)
+        outcome = accept(verification.tree, choices, sampled=session.sampling.do_sample)
+    stats.target_passes += 1
+    return outcome
+
+
+def update_pool(session: Session, verification: VerificationTree, outcome: Acceptance,
+                accepted_draft: int, committed_from: int) -> None:
+    """Feed what verification revealed into the pool (DESIGN.md §2).
+
+    * refinement: when the draft chain was fully accepted, each suffix is overwritten in
+      place by the target's choices along it (first, before any insert moves slots);
+    * inspiration: with a rejected tail, the n-grams of ``[last accepted token, bonus,
+      target's choices after each rejected draft node]``;
+    * the target's window n-grams (lookahead);
+    * the n-grams ending in newly committed tokens (``committed_from`` on).
+    """
+    config, stats, choices = session.config, session.stats, outcome.choices
+    if session.pool is None:
+        return
+    num_draft = len(verification.draft_nodes)
+    parents = verification.tree.parents
+
+    def choice_after(node: int) -> int:
+        return choices[node + 1]
+
+    if config.refinement and verification.suffixes and accepted_draft == num_draft:
+        keys, slots, phrases = [], [], []
+        for key, slot, phrase, nodes in verification.suffixes:
+            corrected = [choices[parents[n] + 1] for n in nodes]
+            if corrected != phrase:
+                keys.append(key)
+                slots.append(slot)
+                phrases.append(corrected)
+        if keys:
+            with _Timer(stats, "time_pool"):
+                device = session.device
+                session.pool.refine(torch.tensor(keys, dtype=torch.int64, device=device),
+                                    torch.tensor(slots, dtype=torch.int64, device=device),
+                                    torch.tensor(phrases, dtype=torch.int64, device=device))
+            stats.refinements += len(keys)
+    if config.inspiration and accepted_draft < num_draft:
+        before = verification.tree.tokens[accepted_draft - 1] if accepted_draft else \
+            session.tokens[committed_from - 1]
+        predicted = [choices[accepted_draft]] + [choice_after(n) for n in
+                                                 verification.draft_nodes[accepted_draft:]]
+        sequence = [before] + predicted
+        length = config.phrase_len
+        ngrams = [sequence[i:i + length + 1] for i in range(len(sequence) - length)]
+        stats.inspiration_ngrams += insert_ngrams(session, ngrams)
+    if verification.window_nodes is not None:
+        ngrams = session.target_window.advance(verification.window_nodes, choice_after)
+        stats.window_ngrams += insert_ngrams(session, ngrams)
+    if config.pool_from_output:
+        start = max(0, committed_from - config.phrase_len)
+        stats.output_ngrams += insert_sequence_ngrams(session, session.tokens[start:])
+
+
+def compact_caches(session: Session, outcome: Acceptance, committed_from: int,
+                   accepted_draft: int, draft_cached: int) -> None:
+    """Keep the accepted path's K/V in the target cache (moved behind the pending token in
+    one ``compact_kv`` over all layers); roll the draft cache back to the draft tokens the
+    target accepted."""
+    num_pending = committed_from - session.target.length
+    session.target.cache.commit(num_pending, outcome.accepted_idx, outcome.accepted_len,
+                                len(outcome.path))
+    if session.draft is not None:
+        session.draft.cache.truncate(committed_from + min(draft_cached, accepted_draft))
+
+
+# ============================================================================ the loop
+
+
+@dataclass
+class StopRules:
+    """When to stop: ``max_new_tokens``, any id of ``eos_token_ids``, or ``stop(new_tokens)``
+    returning True (called after each emitted token with the new tokens so far)."""
+
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    stop: Callable[[list[int]], bool] | None = None
+
+    def clip(self, generated: list[int], chunk: list[int]) -> tuple[list[int], bool]:
+        """The part of ``chunk`` to emit after ``generated``, and whether generation ends."""
+        room = self.max_new_tokens - len(generated)
+        emitted = []
+        for token in chunk[:room]:
+            emitted.append(token)
+            if token in self.eos_token_ids:
+                return emitted, True
+            if self.stop is not None and self.stop(generated + emitted):
+                return emitted, True
+        return emitted, len(generated) + len(emitted) >= self.max_new_tokens
+
+
+def decode_step(session: Session) -> list[int]:
+    """One Ouroboros step; returns the tokens the target accepted (path + bonus)."""
+    committed_from = len(session.tokens)
+    draft_tokens, draft_cached = draft_phase(session) if session.draft is not None else ([], 0)
+    verification = build_verification_tree(session, draft_tokens)
+    outcome = verify(session, verification)
+    accepted_draft = sum(1 for n in outcome.path if n < len(verification.draft_nodes))
+    chunk = outcome.path_tokens + [outcome.bonus]
+    session.stats.draft_tokens += len(draft_tokens)
+    session.stats.accepted_draft_tokens += accepted_draft
+    suffix_nodes = {n for *_, nodes in verification.suffixes for n in nodes}
+    session.stats.suffix_tokens += sum(1 for n in outcome.path if n in suffix_nodes)
+    session.stats.window_tokens += len(outcome.path) - accepted_draft - sum(
+        1 for n in outcome.path if n in suffix_nodes)
+    compact_caches(session, outcome, committed_from, accepted_draft, draft_cached)
+    session.tokens.extend(chunk)
+    update_pool(session, verification, outcome, accepted_draft, committed_from)
+    return chunk
+
+
+def run_generation(session: Session, prompt_length: int, rules: StopRules,
+                   streamer: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """Prefill both models, then `decode_step` until a stop rule fires."""
+    stats = session.stats
+    start = time.perf_counter()
+    prompt = session.tokens[:prompt_length]
+    prefill(session.target, prompt[:-1])
+    stats.prefill_passes += 1 if prompt_length > 1 else 0
+    if session.draft is not None:
+        with _Timer(stats, "time_draft"):
+            prefill(session.draft, prompt[:-1])
+    generated: list[int] = []
+    done = False
+    while not done:
+        chunk = decode_step(session)
+        emitted, done = rules.clip(generated, chunk)
+        generated += emitted
+        if streamer is not None and emitted:
+            streamer(emitted)
+    del session.tokens[prompt_length + len(generated):]
+    stats.new_tokens = len(generated)
+    stats.time_total = time.perf_counter() - start
+    sequences = torch.tensor([session.tokens], dtype=torch.int64)
+    return GenerationResult(sequences, prompt_length, stats)
