@@ -1,19 +1,47 @@
-"""Tree-masked attention of T new tokens over a static KV cache.
+"""Tree-masked attention of T new tokens over a static KV cache (Triton + reference).
 
-PLACEHOLDER: reference only, Triton kernel follows.
+The T new tokens of sequence ``b`` have their K/V already written at cache positions
+``[prefix_lens[b], prefix_lens[b] + T)``. New token ``i`` attends to every position before
+``prefix_lens[b]`` and to new token ``j`` iff bit ``j`` of row ``i`` of the packed tree mask is
+set (`ouroboros_kernels.tree.build_tree` makes it), or iff ``j <= i`` with ``causal=True``.
+
+Kernel layout (one program = one KV head x a block of tree rows x one split of the columns):
+
+* GQA inside the kernel: the ``G = Hq / Hkv`` query heads of a KV head are stacked into the M
+  dimension of the tile (row ``m`` = tree row ``m // G``, head ``m % G``), so each K/V tile is
+  read once per KV head and feeds one tensor-core dot for all of them.
+* Online softmax in fp32 with ``exp2``; ``scale * log2(e)`` is folded into the scores.
+* Columns are walked as tiles: first the prefix (full tiles read with no mask at all, then the
+  one partial tile), then the tree part, where the packed bits are read (or ``j <= i`` is
+  computed for ``causal``) and tiles in which no row sees anything are skipped.
+* Split-KV: when ``B x Hkv x row blocks`` programs cannot fill the GPU (small tree, long
+  prefix), the column tiles are shared out over ``num_splits`` programs that write partial
+  results and log-sum-exps; a second small kernel merges them.
+
+Roofline: with a small tree the kernel reads the prefix K/V once per KV head and is bound by
+HBM bandwidth; with a large tree (prefill) it is bound by tensor-core throughput.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from ._utils import check_same_device, check_tensor, use_triton
+from ._utils import INTERPRET, check_same_device, check_tensor, next_power_of_2, use_triton
 from .tree import unpack_tree_mask
 
-__all__ = ["tree_attention", "tree_attention_reference"]
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+__all__ = ["TreeAttentionConfig", "tree_attention", "tree_attention_reference",
+           "tree_attention_triton"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
@@ -107,7 +135,7 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     rel = torch.arange(span, device=device)[None, :] - prefix[:, None]
     in_tree = (rel >= 0) & (rel < num_new)
     rows = torch.arange(num_new, device=device)
-    if causal:
+    if causal or tree_mask is None:  # no mask: causal, or T == 1 (the token sees itself)
         tree_visible = rel[:, None, :] <= rows[None, :, None]
     else:
         bits = unpack_tree_mask(tree_mask, num_new).expand(batch, num_new, num_new)
@@ -124,13 +152,429 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     return out
 
 
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+
+if triton is not None:
+
+    @triton.jit
+    def _scores(q, k_t, qk_scale, IEEE: tl.constexpr):
+        # Scores in log2 units: exp2(s - m) == exp(scale * q.k - m'), one multiply per score.
+        if IEEE:
+            s = tl.dot(q, k_t, input_precision="ieee")
+        else:
+            s = tl.dot(q, k_t)
+        return s * qk_scale
+
+    @triton.jit
+    def _online_softmax(acc, m_i, l_i, s, v, IEEE: tl.constexpr):
+        # A row whose columns are all masked so far keeps m = -inf; m_safe keeps exp2 off NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return acc * alpha[:, None] + pv, m_new, l_i
+
+    @triton.jit
+    def _tree_attention_kernel(
+        q_ptr, k_ptr, v_ptr, prefix_lens_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        stride_qb, stride_qt, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_mb, stride_mt, stride_mw,
+        stride_ob, stride_ot, stride_oh, stride_od,
+        num_new, num_kv_heads, max_len, head_dim, num_rows, qk_scale,
+        GROUP: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+    ):
+        row_block = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        split = tl.program_id(2)
+        b = batch_head // num_kv_heads
+        kv_head = batch_head % num_kv_heads
+        b64 = b.to(tl.int64)
+
+        # Tile row m is query head (kv_head * GROUP + m % GROUP) of tree row (m // GROUP).
+        offs_m = tl.arange(0, BLOCK_M)
+        tree_row = row_block * ROWS + offs_m // GROUP
+        q_head = kv_head * GROUP + offs_m % GROUP
+        row_ok = (offs_m < ROWS * GROUP) & (tree_row < num_new)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        offs_n = tl.arange(0, BLOCK_N)
+
+        q_ptrs = (q_ptr + b64 * stride_qb + tree_row[:, None].to(tl.int64) * stride_qt
+                  + q_head[:, None] * stride_qh + offs_d[None, :] * stride_qd)
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter computes bf16 dots on bit patterns
+            q = q.to(tl.float32)
+
+        k_base = k_ptr + b64 * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = v_ptr + b64 * stride_vb + kv_head.to(tl.int64) * stride_vh
+        prefix = tl.minimum(tl.load(prefix_lens_ptr + b).to(tl.int32), max_len)
+
+        # This split's share of the column tiles: prefix tiles first, then tree tiles.
+        num_prefix_tiles = tl.cdiv(prefix, BLOCK_N)
+        if CAUSAL:  # rows of this block see new tokens up to their own index only
+            tree_cols = tl.minimum(num_new, (row_block + 1) * ROWS)
+        else:
+            tree_cols = num_new
+        num_tiles = num_prefix_tiles + tl.cdiv(tree_cols, BLOCK_N)
+        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        first = split * per_split
+        last = tl.minimum(first + per_split, num_tiles)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        # Prefix, full tiles: every row sees every column, so no mask is read or applied.
+        full_end = tl.minimum(last, prefix // BLOCK_N)
+        for tile in tl.range(first, full_end):
+            cols = tile * BLOCK_N + offs_n
+            k_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd
+            v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            if EVEN_D:
+                k_t = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            if UPCAST:
+                k_t = k_t.to(tl.float32)
+                v = v.to(tl.float32)
+            s = _scores(q, k_t, qk_scale, IEEE)
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+
+        # Prefix, the partial last tile (if it falls in this split).
+        tail = prefix // BLOCK_N
+        if (prefix % BLOCK_N != 0) & (tail >= first) & (tail < last):
+            cols = tail * BLOCK_N + offs_n
+            col_ok = cols < prefix
+            k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                k_t = k_t.to(tl.float32)
+                v = v.to(tl.float32)
+            s = _scores(q, k_t, qk_scale, IEEE)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+
+        # Tree part: new token j sits at cache position prefix + j.
+        tree_first = tl.maximum(first, num_prefix_tiles) - num_prefix_tiles
+        tree_last = last - num_prefix_tiles
+        mask_rows = mask_ptr + b64 * stride_mb + tree_row.to(tl.int64) * stride_mt
+        for tile in tl.range(tree_first, tree_last):
+            new_col = tile * BLOCK_N + offs_n
+            pos = prefix + new_col
+            col_ok = (new_col < tree_cols) & (pos < max_len)
+            if CAUSAL:
+                visible = (new_col[None, :] <= tree_row[:, None]) & col_ok[None, :]
+                any_visible = True
+            else:
+                words = tl.load(mask_rows[:, None] + (new_col // 32)[None, :] * stride_mw,
+                                mask=row_ok[:, None] & col_ok[None, :], other=0)
+                visible = ((words >> (new_col % 32)[None, :]) & 1) != 0
+                any_visible = tl.max(visible.to(tl.int32)) > 0
+            if any_visible:  # a tree tile no row of this block sees costs only its mask read
+                k_t = tl.load(k_base + pos[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                              mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    k_t = k_t.to(tl.float32)
+                    v = v.to(tl.float32)
+                s = _scores(q, k_t, qk_scale, IEEE)
+                s = tl.where(visible, s, float("-inf"))
+                acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+
+        if NUM_SPLITS == 1:
+            # A row that saw nothing gives 0/0 = NaN, as softmax over nothing does in the
+            # reference; padding rows (never stored) divide by 1.
+            out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+            out_ptrs = (out_ptr + b64 * stride_ob + tree_row[:, None].to(tl.int64) * stride_ot
+                        + q_head[:, None] * stride_oh + offs_d[None, :] * stride_od)
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            # Partial result of this split, normalised, with its log2-sum-exp2 for the merge.
+            has_any = l_i > 0.0
+            partial = acc / tl.where(has_any, l_i, 1.0)[:, None]
+            lse = tl.where(has_any, m_i + tl.log2(tl.where(has_any, l_i, 1.0)), float("-inf"))
+            flat_row = ((split * num_rows).to(tl.int64) + (b64 * num_new + tree_row)
+                        * (num_kv_heads * GROUP) + q_head)
+            tl.store(part_lse_ptr + flat_row, lse, mask=row_ok)
+            tl.store(part_o_ptr + flat_row[:, None] * head_dim + offs_d[None, :], partial,
+                     mask=(row_ok & has_any)[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_o_ptr, part_lse_ptr, out_ptr,
+        stride_ob, stride_ot, stride_oh, stride_od,
+        num_rows, num_new, num_q_heads, head_dim, num_splits,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < num_rows
+        rows64 = rows.to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        splits = tl.arange(0, SPLITS_POW2)
+        lse = tl.load(part_lse_ptr + splits[None, :].to(tl.int64) * num_rows + rows64[:, None],
+                      mask=row_ok[:, None] & (splits < num_splits)[None, :],
+                      other=float("-inf"))
+        top = tl.max(lse, 1)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp2(lse - top[:, None]), 1)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for split in tl.range(0, num_splits):
+            row_lse = tl.load(part_lse_ptr + split * num_rows + rows64, mask=row_ok,
+                              other=float("-inf"))
+            weight = tl.exp2(row_lse - top)
+            # Splits that saw nothing wrote no partial output: never read it.
+            partial = tl.load(part_o_ptr + (split * num_rows + rows64)[:, None] * head_dim
+                              + offs_d[None, :],
+                              mask=(row_ok & (weight > 0.0))[:, None] & d_ok[None, :], other=0.0)
+            acc += weight[:, None] * partial
+        out = acc / tl.where(row_ok, total, 1.0)[:, None]
+        b = rows // (num_new * num_q_heads)
+        t = (rows // num_q_heads) % num_new
+        h = rows % num_q_heads
+        out_ptrs = (out_ptr + b.to(tl.int64)[:, None] * stride_ob
+                    + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh
+                    + offs_d[None, :] * stride_od)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeAttentionConfig:
+    """Tile sizes and launch settings of the tree-attention kernel.
+
+    ``block_m``: tile rows (tree rows x the query heads of one KV head, stacked; >= 16 and a
+    power of two); ``block_n``: cache columns per tile (>= 16, power of two); ``num_splits``:
+    programs sharing the columns of one (row block, KV head), merged by log-sum-exp.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _device_limits(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return props.multi_processor_count, int(shared)
+
+
+def _shared_bytes(config: TreeAttentionConfig, block_d: int, elem_size: int) -> int:
+    # Q tile + pipelined K and V tiles + the probabilities tile fed to the second dot.
+    return elem_size * (config.block_m * block_d
+                        + config.num_stages * 2 * config.block_n * block_d
+                        + config.block_m * config.block_n)
+
+
+@functools.lru_cache(maxsize=1024)
+def default_config(num_new: int, group: int, head_dim: int, dtype: torch.dtype, batch: int,
+                   num_kv_heads: int, max_len: int, device_index: int | None
+                   ) -> TreeAttentionConfig:
+    """Heuristic tile sizes (no autotuning: it needs a driver, and one launch must not
+    benchmark). ``device_index`` None means the interpreter (no split by default).
+
+    * ``block_m``: the stacked rows ``T x G`` rounded up to a power of two, 16 to 128 (64 for
+      ``D > 128`` or fp32, to keep the fp32 accumulator at <= 64 registers per thread).
+    * ``block_n``: 64 (32 for ``D > 128`` or fp32), so that 2-3 pipelined K/V stages fit in
+      shared memory next to the Q tile; checked against the device's limit below.
+    * ``num_splits``: with fewer than ``2 x SMs`` programs, split the columns up to that count,
+      but keep at least 4 tiles of the cache capacity per split (the actual prefix length is
+      on the device: reading it would cost a sync per layer).
+    """
+    block_d = max(16, next_power_of_2(head_dim))
+    elem_size = torch.empty((), dtype=dtype).element_size()
+    wide = block_d > 128 or elem_size == 4
+    block_m = min(max(16, next_power_of_2(num_new * group)), 64 if wide else 128)
+    block_m = max(block_m, next_power_of_2(group))
+    block_n = 32 if wide else 64
+    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
+    num_stages = 2 if wide else 3
+    config = TreeAttentionConfig(block_m, block_n, num_warps, num_stages)
+    if device_index is None:
+        return config
+    sms, shared_limit = _device_limits(device_index)
+    while _shared_bytes(config, block_d, elem_size) > shared_limit and config.num_stages > 1:
+        config = replace(config, num_stages=config.num_stages - 1)
+    while _shared_bytes(config, block_d, elem_size) > shared_limit and config.block_n > 16:
+        config = replace(config, block_n=config.block_n // 2)
+    rows_per_block = max(1, block_m // group)
+    programs = triton.cdiv(num_new, rows_per_block) * batch * num_kv_heads
+    if programs < 2 * sms:
+        splits = min(triton.cdiv(2 * sms, programs), max(1, max_len // (4 * block_n)), 64)
+        config = replace(config, num_splits=splits)
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher and public function
+# --------------------------------------------------------------------------------------------
+
+
+def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
+            config: TreeAttentionConfig) -> torch.Tensor:
+    batch, num_new, num_q_heads, head_dim = q.shape
+    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    block_d = max(16, next_power_of_2(head_dim))
+    if config.block_m < 16 or config.block_m & (config.block_m - 1):
+        raise ValueError(f"config.block_m must be a power of two >= 16, got {config.block_m}")
+    if config.block_n < 16 or config.block_n & (config.block_n - 1):
+        raise ValueError(f"config.block_n must be a power of two >= 16, got {config.block_n}")
+    if config.block_m < group:
+        raise ValueError(f"config.block_m = {config.block_m} must be >= Hq / Hkv = {group}")
+    if config.num_splits < 1:
+        raise ValueError(f"config.num_splits must be >= 1, got {config.num_splits}")
+    rows_per_block = config.block_m // group
+    num_rows = batch * num_new * num_q_heads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if tree_mask is None:  # causal (or T == 1, where the only new token sees itself)
+        if not causal:
+            causal = True
+        mask_arg, mask_strides = prefix_lens, (0, 0, 0)
+    else:
+        mask_arg = tree_mask
+        mask_strides = (tree_mask.stride(0) if tree_mask.shape[0] > 1 else 0,
+                        tree_mask.stride(1), tree_mask.stride(2))
+    if config.num_splits > 1:
+        part_o = torch.empty((config.num_splits, num_rows, head_dim), dtype=torch.float32,
+                             device=q.device)
+        part_lse = torch.empty((config.num_splits, num_rows), dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    grid = (triton.cdiv(num_new, rows_per_block), batch * num_kv_heads, config.num_splits)
+    _tree_attention_kernel[grid](
+        q, k_cache, v_cache, prefix_lens, mask_arg, out, part_o, part_lse,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides, *out.stride(),
+        num_new, num_kv_heads, max_len, head_dim, num_rows, scale * _LOG2E,
+        GROUP=group, ROWS=rows_per_block,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        NUM_SPLITS=config.num_splits, CAUSAL=causal,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        EVEN_D=block_d == head_dim,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.num_splits > 1:
+        block_r = max(1, min(64, 4096 // block_d))
+        _merge_splits_kernel[(triton.cdiv(num_rows, block_r),)](
+            part_o, part_lse, out, *out.stride(),
+            num_rows, num_new, num_q_heads, head_dim, config.num_splits,
+            BLOCK_R=block_r, BLOCK_D=block_d, SPLITS_POW2=next_power_of_2(config.num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def tree_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          prefix_lens: torch.Tensor, tree_mask: torch.Tensor | None = None, *,
+                          causal: bool = False, scale: float | None = None,
+                          out: torch.Tensor | None = None, check_bounds: bool | None = None,
+                          config: TreeAttentionConfig | None = None) -> torch.Tensor:
+    """`tree_attention` forced onto the Triton kernel, optionally with an explicit config
+    (tests and benchmarks). Tensors must be on CUDA, or on the CPU under TRITON_INTERPRET=1;
+    fp16, bf16 or fp32; head dim <= 256."""
+    if triton is None:
+        raise RuntimeError("tree_attention_triton needs triton installed")
+    tree_mask = _check_args(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
+                            check_bounds)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton kernel takes q of dtype float16, bfloat16 or float32, got "
+                        f"{q.dtype} (float64 runs on tree_attention_reference)")
+    if q.shape[3] > 256:
+        raise ValueError(f"the Triton kernel takes head dims up to 256, got {q.shape[3]}")
+    if not use_triton(q, k_cache, v_cache, prefix_lens):
+        raise ValueError(f"the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1 set before "
+                         f"import; q is on {q.device}")
+    if config is None:
+        config = default_config(q.shape[1], q.shape[2] // k_cache.shape[1], q.shape[3], q.dtype,
+                                q.shape[0], k_cache.shape[1], k_cache.shape[2],
+                                q.device.index if q.is_cuda else None)
+    try:
+        return _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out, config)
+    except _OUT_OF_RESOURCES as error:
+        # A card with less shared memory than the heuristic assumed: retry once, leaner.
+        lean = replace(config, num_stages=1, block_n=max(16, config.block_n // 2))
+        if lean == config:
+            raise
+        try:
+            return _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out, lean)
+        except _OUT_OF_RESOURCES:
+            raise RuntimeError(f"tree_attention: out of GPU resources with {config} and "
+                               f"{lean} for q {tuple(q.shape)} {q.dtype}") from error
+
+
+try:
+    from triton.runtime.errors import OutOfResources as _OUT_OF_RESOURCES
+except ImportError:  # pragma: no cover - older/newer triton layouts
+    _OUT_OF_RESOURCES = RuntimeError
+
+
 def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    prefix_lens: torch.Tensor, tree_mask: torch.Tensor | None = None, *,
                    causal: bool = False, scale: float | None = None,
                    out: torch.Tensor | None = None,
                    check_bounds: bool | None = None) -> torch.Tensor:
-    """Attention of T new tokens per sequence over a static KV cache, masked by a token tree."""
-    if True or not use_triton(q, k_cache, v_cache, prefix_lens):  # kernel: next commit
+    """Attention of T new tokens per sequence over a static KV cache, masked by a token tree.
+
+    Args:
+        q: ``[B, T, Hq, D]`` queries of the new tokens, any strides (e.g. a transposed
+            ``[B, Hq, T, D]`` view).
+        k_cache, v_cache: ``[B, Hkv, S_max, D]`` (e.g. views ``cache[layer, 0]``,
+            ``cache[layer, 1]``) with the new tokens' K/V already written at
+            ``[prefix_lens[b], prefix_lens[b] + T)``; ``Hq % Hkv == 0``; q's dtype.
+        prefix_lens: ``int32[B]`` committed length of each sequence (may differ; 0 allowed).
+        tree_mask: ``int32[B or 1, T, ceil(T/32)]`` (or ``[T, ceil(T/32)]``): bit ``j % 32`` of
+            word ``j // 32`` in row ``i`` set when new token ``i`` sees new token ``j`` (row i
+            must have bit i). Required for ``T > 1`` unless ``causal``.
+        causal: the ordinary causal mask among the new tokens (prefill); reads no mask.
+        scale: softmax scale, default ``D ** -0.5``.
+        out: optional ``[B, T, Hq, D]`` output buffer (any strides).
+        check_bounds: check ``0 <= prefix_lens`` and ``prefix_lens + T <= S_max`` on the host;
+            default: only when ``prefix_lens`` is on the CPU (on CUDA it would cost a sync; the
+            kernel then still never reads past ``S_max``).
+
+    Returns:
+        ``[B, T, Hq, D]`` in q's dtype (``out`` if given).
+
+    Dispatch: the Triton kernel for fp16/bf16/fp32 tensors on CUDA or under
+    ``TRITON_INTERPRET=1``; otherwise (CPU, or float64) `tree_attention_reference`.
+    """
+    tensors = (q, k_cache, v_cache, prefix_lens)
+    if (not all(isinstance(t, torch.Tensor) for t in tensors) or q.dtype == torch.float64
+            or not use_triton(*tensors) or q.shape[-1] > 256):
         return tree_attention_reference(q, k_cache, v_cache, prefix_lens, tree_mask,
                                         causal=causal, scale=scale, out=out,
                                         check_bounds=check_bounds)
+    return tree_attention_triton(q, k_cache, v_cache, prefix_lens, tree_mask, causal=causal,
+                                 scale=scale, out=out, check_bounds=check_bounds)

@@ -1,5 +1,6 @@
 """tree_attention: the reference against a naive model, the kernel against the reference."""
 
+import importlib
 import os
 import random
 
@@ -7,7 +8,12 @@ import pytest
 import torch
 
 from ouroboros_kernels.tree import build_tree, unpack_tree_mask
-from ouroboros_kernels.tree_attention import tree_attention_reference
+from ouroboros_kernels.tree_attention import (
+    TreeAttentionConfig,
+    tree_attention,
+    tree_attention_reference,
+    tree_attention_triton,
+)
 
 ON_GPU = os.environ.get("OUROBOROS_TEST_GPU", "0") == "1" and torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -96,3 +102,176 @@ def test_reference_shared_mask_and_out():
     # A 2-D mask [T, W] is the same as [1, T, W].
     torch.testing.assert_close(
         tree_attention_reference(q, k_cache, v_cache, prefix, tree_mask[0]), out)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel (Triton: interpreted on the CPU, compiled with OUROBOROS_TEST_GPU=1 on a GPU)
+# against the float64 reference evaluated on the same (rounded) inputs.
+# --------------------------------------------------------------------------------------------
+
+# Max abs/rel error vs float64 on the rounded inputs. fp32 dots run in IEEE fp32 ("ieee"
+# precision, no tf32). fp16/bf16: the output is rounded to the dtype (2^-11 / 2^-8 relative)
+# and, compiled, the probabilities are rounded to it before the P.V dot; |out| <= max |v| ~ 4.
+TOLERANCE = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 3e-3, "rtol": 3e-3},
+    torch.bfloat16: {"atol": 2.5e-2, "rtol": 2.5e-2},
+}
+
+
+def run_kernel_case(batch, num_new, num_q_heads, num_kv_heads, head_dim, prefix_lens, kind,
+                    dtype, *, causal=False, per_sequence_tree=True, config=None, seed=0,
+                    strided=True):
+    q, k_cache, v_cache, prefix, tree_mask = make_case(
+        batch, num_new, num_q_heads, num_kv_heads, head_dim, prefix_lens, dtype=dtype,
+        kind=kind, per_sequence_tree=per_sequence_tree, seed=seed)
+    if strided:
+        # q as the Llama attention hands it ([B, Hq, T, D] transposed), the caches as views of
+        # one [layers, 2, B, Hkv, S, D] tensor, out as a transposed view.
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        cache = torch.stack([torch.stack([k_cache, v_cache])] * 2).clone()
+        cache[0].uniform_(-1e4, 1e4)  # the other layer: never read
+        k_cache, v_cache = cache[1, 0], cache[1, 1]
+        out = torch.empty(batch, num_q_heads, num_new, head_dim, dtype=dtype,
+                          device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty_like(q)
+    out.fill_(float("nan"))
+    mask = None if causal else tree_mask
+    want = tree_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix,
+                                    mask, causal=causal)
+    if config is None:
+        result = tree_attention(q, k_cache, v_cache, prefix, mask, causal=causal, out=out)
+    else:
+        result = tree_attention_triton(q, k_cache, v_cache, prefix, mask, causal=causal, out=out,
+                                       config=config)
+    assert result is out
+    assert not out.isnan().any(), "output not fully written"
+    torch.testing.assert_close(out.double(), want, **TOLERANCE[dtype])
+
+
+# Every listed value appears: B 1-3; Hq/Hkv 1/1, 4/1, 8/2, 32/8 (and 6/3: G not a power of
+# two); D 64, 80, 128 (96, 256 once); T 1, 5, 17, 64, 130; prefix 0 and > block_n (64);
+# chain, star and random trees; fp32, fp16, bf16.
+KERNEL_CASES = [
+    # batch, T, Hq, Hkv, D, prefix_lens, kind, dtype
+    (1, 1, 1, 1, 64, [0], "chain", torch.float32),
+    (2, 1, 32, 8, 128, [150, 7], "chain", torch.bfloat16),
+    (3, 5, 4, 1, 64, [0, 70, 3], "random", torch.float16),
+    (2, 17, 8, 2, 80, [65, 1], "star", torch.float32),
+    (2, 17, 8, 2, 80, [130, 0], "random", torch.bfloat16),
+    (1, 64, 4, 1, 128, [100], "chain", torch.float16),
+    (2, 130, 1, 1, 64, [0, 77], "random", torch.float32),
+    (1, 130, 8, 2, 80, [66], "star", torch.bfloat16),
+    (2, 64, 32, 8, 64, [9, 140], "random", torch.float16),
+    (1, 5, 6, 3, 96, [40], "random", torch.float32),
+    (1, 3, 4, 2, 256, [33], "random", torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype",
+                         KERNEL_CASES)
+def test_kernel_tree(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype):
+    run_kernel_case(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype)
+
+
+@pytest.mark.parametrize("batch, num_new, hq, hkv, head_dim, prefix_lens, dtype", [
+    (2, 64, 8, 2, 64, [0, 30], torch.float16),
+    (1, 130, 4, 1, 128, [0], torch.bfloat16),
+    (3, 17, 1, 1, 80, [5, 0, 90], torch.float32),
+])
+def test_kernel_causal(batch, num_new, hq, hkv, head_dim, prefix_lens, dtype):
+    run_kernel_case(batch, num_new, hq, hkv, head_dim, prefix_lens, "chain", dtype, causal=True)
+
+
+def test_kernel_shared_mask_contiguous():
+    run_kernel_case(3, 17, 4, 2, 64, [0, 90, 12], "random", torch.float32,
+                    per_sequence_tree=False, strided=False)
+
+
+@pytest.mark.parametrize("config, causal, prefix_lens", [
+    (TreeAttentionConfig(16, 16, 4, 2, num_splits=3), False, [130, 3]),
+    (TreeAttentionConfig(32, 32, 4, 2, num_splits=8), False, [0, 20]),  # most splits empty
+    (TreeAttentionConfig(16, 32, 4, 2, num_splits=4), True, [70, 0]),
+])
+def test_kernel_split_kv(config, causal, prefix_lens):
+    run_kernel_case(2, 17, 6, 3, 64, prefix_lens, "random", torch.float16, causal=causal,
+                    config=config)
+
+
+def test_kernel_decode_without_mask_and_default_out():
+    q, k_cache, v_cache, prefix, _ = make_case(2, 1, 8, 2, 64, [100, 3], dtype=torch.float32)
+    want = tree_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix)
+    result = tree_attention(q, k_cache, v_cache, prefix)
+    assert result.shape == q.shape and result.dtype == q.dtype and result.is_contiguous()
+    torch.testing.assert_close(result.double(), want, **TOLERANCE[torch.float32])
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    # The package re-exports the function under the module's name: fetch the module itself.
+    module = importlib.import_module("ouroboros_kernels.tree_attention")
+    calls = []
+    monkeypatch.setattr(module, "use_triton", lambda *tensors: False)
+    monkeypatch.setattr(module, "tree_attention_triton",
+                        lambda *args, **kwargs: calls.append(1))
+    q, k_cache, v_cache, prefix, tree_mask = make_case(1, 5, 4, 2, 64, [10],
+                                                       dtype=torch.float32)
+    result = module.tree_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), prefix.cpu(),
+                                   tree_mask.cpu())
+    assert not calls and result.shape == q.shape
+
+
+def test_kernel_rejects_bad_arguments():
+    q, k_cache, v_cache, prefix, tree_mask = make_case(2, 5, 4, 2, 64, [3, 4],
+                                                       dtype=torch.float32, slack=0)
+    good = dict(q=q, k_cache=k_cache, v_cache=v_cache, prefix_lens=prefix, tree_mask=tree_mask)
+
+    def call(**changes):
+        tree_attention(**{**good, **changes})
+
+    call()  # sanity: the good arguments pass
+    with pytest.raises(ValueError, match="q must have 4"):
+        call(q=q[0])
+    with pytest.raises(TypeError, match="k_cache and v_cache"):
+        call(k_cache=k_cache.half())
+    with pytest.raises(TypeError, match="q must have dtype"):
+        call(q=q.int())
+    with pytest.raises(ValueError, match="v_cache shape"):
+        call(v_cache=v_cache[:, :, :-1])
+    with pytest.raises(ValueError, match="batch"):
+        call(k_cache=k_cache[:1], v_cache=v_cache[:1])
+    with pytest.raises(ValueError, match="head dim"):
+        call(k_cache=k_cache[..., :32], v_cache=v_cache[..., :32])
+    with pytest.raises(ValueError, match="multiple"):
+        call(q=torch.cat([q, q[:, :, :1]], 2))
+    with pytest.raises(ValueError, match="prefix_lens has"):
+        call(prefix_lens=prefix[:1])
+    with pytest.raises(TypeError, match="prefix_lens"):
+        call(prefix_lens=prefix.float())
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        call(prefix_lens=prefix + 1)
+    with pytest.raises(ValueError, match=">= 0"):
+        call(prefix_lens=prefix - 4)
+    with pytest.raises(ValueError, match="too few for"):
+        big = torch.randn(2, 40, 4, 64, dtype=q.dtype, device=q.device)
+        cache = torch.randn(2, 2, 60, 64, dtype=q.dtype, device=q.device)
+        call(q=big, k_cache=cache, v_cache=cache, tree_mask=tree_mask[:, :1].expand(2, 40, 1))
+    with pytest.raises(ValueError, match="tree_mask must be"):
+        call(tree_mask=tree_mask[:, :4])
+    with pytest.raises(TypeError, match="tree_mask"):
+        call(tree_mask=tree_mask.long())
+    with pytest.raises(ValueError, match="tree_mask is required"):
+        call(tree_mask=None)
+    with pytest.raises(ValueError, match="causal=True reads no mask"):
+        tree_attention(q, k_cache, v_cache, prefix, tree_mask, causal=True)
+    with pytest.raises(ValueError, match="out must be"):
+        tree_attention(q, k_cache, v_cache, prefix, tree_mask, out=q[:, :4])
+    with pytest.raises(ValueError, match="device"):
+        call(prefix_lens=prefix.to("meta"))
+    with pytest.raises(TypeError, match="q must be a torch.Tensor"):
+        call(q=q.tolist())
+    with pytest.raises(TypeError, match="float64"):
+        tree_attention_triton(q.double(), k_cache.double(), v_cache.double(), prefix, tree_mask)
+    with pytest.raises(ValueError, match="block_m"):
+        tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask,
+                              config=TreeAttentionConfig(24, 32, 4, 2))
