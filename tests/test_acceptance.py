@@ -115,3 +115,20 @@ def test_accept_rejects_bad_shapes():
     with pytest.raises(ValueError, match="batch sizes"):
         accept_greedy(torch.zeros(2, 3, dtype=torch.int64), parents,
                       torch.zeros(3, 4, dtype=torch.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA and OUROBOROS_TEST_GPU=1")
+def test_gpu_accept_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    batch, num_nodes = 8, 300
+    parents = torch.stack([torch.tensor([-1] + [int(torch.randint(-1, i, (1,), generator=gen))
+                                                for i in range(1, num_nodes)])
+                           for _ in range(batch)])
+    tokens = torch.randint(0, 3, (batch, num_nodes), generator=gen)
+    choices = torch.randint(0, 3, (batch, num_nodes + 1), generator=gen)
+    for accept in (accept_greedy, accept_sampled):
+        on_cpu = accept(tokens, parents, choices)
+        on_gpu = accept(tokens.cuda(), parents.cuda(), choices.cuda())
+        for cpu_part, gpu_part in zip(on_cpu, on_gpu, strict=True):
+            assert torch.equal(cpu_part, gpu_part.cpu())

@@ -99,3 +99,18 @@ def test_compact_kv_rejects_bad_args():
         compact_kv(cache, lens.float(), idx, lens)
     with pytest.raises(ValueError, match="cache"):
         compact_kv(torch.randn(2, 2, 8, 16), lens, idx, lens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA and OUROBOROS_TEST_GPU=1")
+@pytest.mark.parametrize("num_nodes", [16, 700])
+def test_gpu_compact_kv_large(num_nodes):
+    rng = random.Random(num_nodes)
+    layers, batch, heads, max_len, head_dim = 8, 4, 8, 4096, 128
+    cache = torch.randn(layers, 2, batch, heads, max_len, head_dim, device=DEVICE,
+                        dtype=torch.bfloat16)
+    prefix_lens, accepted_idx, accepted_len = random_case(rng, batch, num_nodes, max_len)
+    want = cache.clone()
+    compact_kv_reference(want, prefix_lens, accepted_idx, accepted_len)
+    compact_kv(cache, prefix_lens, accepted_idx, accepted_len)
+    assert torch.equal(cache, want)

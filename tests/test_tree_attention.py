@@ -10,6 +10,7 @@ import torch
 from ouroboros_kernels.tree import build_tree, unpack_tree_mask
 from ouroboros_kernels.tree_attention import (
     TreeAttentionConfig,
+    default_config,
     tree_attention,
     tree_attention_reference,
     tree_attention_triton,
@@ -275,3 +276,61 @@ def test_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="block_m"):
         tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask,
                               config=TreeAttentionConfig(24, 32, 4, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only (OUROBOROS_TEST_GPU=1 on a CUDA machine): bigger shapes, compiled, with the
+# default heuristic configs (split-KV included) and under CUDA-graph capture.
+# --------------------------------------------------------------------------------------------
+
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA and OUROBOROS_TEST_GPU=1")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch, num_new, hq, hkv, prefix_lens, kind", [
+    (1, 1, 32, 8, [3000], "chain"),          # decode: split-KV
+    (4, 16, 9, 3, [0, 517, 1024, 2049], "random"),
+    (2, 64, 64, 8, [700, 1500], "star"),
+    (1, 300, 32, 32, [129], "random"),
+])
+def test_gpu_kernel_shapes(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype):
+    run_kernel_case(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype, seed=head_dim)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_causal_prefill_long(dtype):
+    run_kernel_case(1, 1500, 32, 8, 128, [0], "chain", dtype, causal=True)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_default_config_splits_decode():
+    config = default_config(1, 4, 128, torch.bfloat16, 1, 8, 8192, torch.cuda.current_device())
+    assert config.num_splits > 1, config
+    big = default_config(2048, 4, 128, torch.bfloat16, 1, 8, 8192, torch.cuda.current_device())
+    assert big.num_splits == 1, big
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_cuda_graph_capture():
+    """No host sync on the CUDA path: the call can be captured in a CUDA graph and replayed."""
+    q, k_cache, v_cache, prefix, tree_mask = make_case(2, 16, 32, 8, 128, [900, 2000],
+                                                       dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    tree_attention(q, k_cache, v_cache, prefix, tree_mask, out=out)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tree_attention(q, k_cache, v_cache, prefix, tree_mask, out=out)
+    q.copy_(torch.randn_like(q))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = tree_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix,
+                                    tree_mask)
+    torch.testing.assert_close(out.double(), want, **TOLERANCE[torch.bfloat16])
