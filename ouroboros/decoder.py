@@ -113,10 +113,9 @@ def _prompt_tokens(input_ids: object) -> list[int]:
 
 
 def _eos_ids(target: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> frozenset:
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(target.config, "eos_token_id", None)
+    if eos_token_id is None:  # as transformers: the generation config's, else the config's
+        source = getattr(target, "generation_config", None) or target.config
+        eos_token_id = getattr(source, "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):

@@ -1,0 +1,112 @@
+"""StaticKVCache: in-place writes, compaction, rollback, overflow, and the transformers
+``Cache`` protocol the Llama forward relies on (the installed transformers version)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from engine_models import random_prompt, single_thread, tiny_llama  # noqa: F401
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from ouroboros.attention import enable_ouroboros_attention
+from ouroboros.cache import CacheOverflowError, StaticKVCache, cache_kwarg_name
+from ouroboros.generate import ModelRunner, TokenTree, accept, forward_tree, prefill
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture()
+def model():
+    model = tiny_llama(0)
+    enable_ouroboros_attention(model)
+    return model
+
+
+def runner_for(model, rows=64, backend="reference"):
+    cache = StaticKVCache.for_model(model, rows)
+    return ModelRunner(model, cache, cache_kwarg_name(model), backend)
+
+
+def test_geometry_and_transformers_protocol(model):
+    cache = StaticKVCache.for_model(model, 40)
+    assert cache.buffer.shape == (2, 2, 1, 2, 40, 16)  # [layers, K/V, B, Hkv, S_max, D]
+    assert len(cache) == 2 and cache.is_sliding == [False, False]
+    assert cache.get_seq_length() == 0 and cache.get_max_length() == 40
+    assert cache_kwarg_name(model) in inspect.signature(model.forward).parameters
+    keys = torch.randn(1, 2, 3, 16)
+    returned_k, returned_v = cache.update(keys, keys + 1, 1)
+    assert returned_k.data_ptr() == cache.buffer[1, 0].data_ptr()  # the buffer, not a copy
+    assert torch.equal(cache.buffer[1, 0, :, :, :3], keys)
+    assert torch.equal(cache.buffer[1, 1, :, :, :3], keys + 1)
+    cache.commit(3)
+    assert cache.get_seq_length() == 3 and cache.lengths.tolist() == [3]
+    cache.update(keys * 2, keys, 0)
+    assert torch.equal(cache.buffer[0, 0, :, :, 3:6], keys * 2)
+    cache.truncate(1)
+    assert cache.host_lengths == [1] and cache.lengths.tolist() == [1]
+    with pytest.raises(ValueError, match="length must lie"):
+        cache.truncate(41)
+
+
+def test_mask_builder_skips_the_mask(model):
+    cache = StaticKVCache.for_model(model, 40)
+    cache.commit(10)
+    embeds = torch.zeros(1, 7, model.config.hidden_size)
+    kwarg = "cache" if "cache" in inspect.signature(create_causal_mask).parameters \
+        else "past_key_values"
+    mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None,
+                              position_ids=torch.arange(10, 17)[None], **{kwarg: cache})
+    assert mask is None
+
+
+def test_overflow_is_a_clear_error(model):
+    runner = runner_for(model, rows=12)
+    with torch.no_grad():
+        prefill(runner, list(range(3, 13)))
+        with pytest.raises(CacheOverflowError, match="context overflow: 10 cached \\+ 3 new"):
+            forward_tree(runner, [3, 4, 5], TokenTree())
+
+
+def test_chain_forward_matches_dynamic_cache(model):
+    prompt = random_prompt(13, 48, 0)[0].tolist()
+    runner = runner_for(model)
+    buffer_address = runner.cache.buffer.data_ptr()
+    with torch.no_grad():
+        prefill(runner, prompt[:8])
+        ours = forward_tree(runner, prompt[8:], TokenTree())  # logits after the last token
+        dynamic = DynamicCache(config=model.config)
+        kwarg = cache_kwarg_name(model)
+        model(torch.tensor([prompt[:8]]), use_cache=True, **{kwarg: dynamic})
+        theirs = model(torch.tensor([prompt[8:]]), use_cache=True, **{kwarg: dynamic}).logits
+    torch.testing.assert_close(ours[0], theirs[0, -1], atol=2e-5, rtol=2e-5)
+    assert runner.cache.buffer.data_ptr() == buffer_address  # never reallocated
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_commit_compacts_the_accepted_path(model, backend):
+    """After accepting a branch of a tree, the cache rows are exactly those of running the
+    accepted tokens as a chain (so the next step sees a consistent prefix)."""
+    prompt = random_prompt(9, 48, 1)[0].tolist()
+    tree = TokenTree()
+    tree.add_path(-1, [20, 21, 22])
+    branch = tree.add_path(-1, [30, 31, 32, 33])
+    tree.add_path(branch[1], [40])
+    runner = runner_for(model, backend=backend)
+    with torch.no_grad():
+        prefill(runner, prompt[:-1])
+        forward_tree(runner, prompt[-1:], tree)
+        # Accept nodes 30, 31, 40 (indices 3, 4, 7): fake choices that make them correct.
+        choices = torch.full((len(tree) + 1,), 1, dtype=torch.int64)
+        choices[0], choices[3 + 1], choices[4 + 1] = 30, 31, 40
+        outcome = accept(tree, choices, sampled=False)
+        assert outcome.path == [3, 4, 7] and outcome.bonus == 1
+        runner.cache.commit(1, outcome.accepted_idx, outcome.accepted_len, len(outcome.path))
+        assert runner.length == len(prompt) + 3
+        linear = runner_for(model)
+        prefill(linear, prompt + [30, 31, 40])
+    rows = len(prompt) + 3
+    torch.testing.assert_close(runner.cache.buffer[..., :rows, :],
+                               linear.cache.buffer[..., :rows, :], atol=1e-5, rtol=1e-5)
