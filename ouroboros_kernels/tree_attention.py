@@ -162,24 +162,25 @@ _LOG2E = 1.4426950408889634
 if triton is not None:
 
     @triton.jit
-    def _scores(q, k_t, qk_scale, IEEE: tl.constexpr):
+    def _scores(q, k, qk_scale, FP32: tl.constexpr):
         # Scores in log2 units: exp2(s - m) == exp(scale * q.k - m'), one multiply per score.
-        if IEEE:
-            s = tl.dot(q, k_t, input_precision="ieee")
+        # k is a [BLOCK_N, BLOCK_D] tile; the transpose is a view of it for the dot.
+        if FP32:  # 3xTF32: fp32-level accuracy on tensor cores
+            s = tl.dot(q, tl.trans(k), input_precision="tf32x3")
         else:
-            s = tl.dot(q, k_t)
+            s = tl.dot(q, tl.trans(k))
         return s * qk_scale
 
     @triton.jit
-    def _online_softmax(acc, m_i, l_i, s, v, IEEE: tl.constexpr):
+    def _online_softmax(acc, m_i, l_i, s, v, FP32: tl.constexpr):
         # A row whose columns are all masked so far keeps m = -inf; m_safe keeps exp2 off NaN.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        if FP32:  # 3xTF32: fp32-level accuracy on tensor cores
+            pv = tl.dot(p.to(v.dtype), v, input_precision="tf32x3")
         else:
             pv = tl.dot(p.to(v.dtype), v)
         return acc * alpha[:, None] + pv, m_new, l_i
@@ -196,7 +197,7 @@ if triton is not None:
         GROUP: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-        IEEE: tl.constexpr, EVEN_D: tl.constexpr,
+        FP32: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         row_block = tl.program_id(0)
         batch_head = tl.program_id(1)
@@ -243,35 +244,35 @@ if triton is not None:
         full_end = tl.minimum(last, prefix // BLOCK_N)
         for tile in tl.range(first, full_end):
             cols = tile * BLOCK_N + offs_n
-            k_ptrs = k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd
+            k_ptrs = k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd
             v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd
             if EVEN_D:
-                k_t = tl.load(k_ptrs)
+                k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
             else:
-                k_t = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+                k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             if UPCAST:
-                k_t = k_t.to(tl.float32)
+                k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = _scores(q, k_t, qk_scale, IEEE)
-            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+            s = _scores(q, k, qk_scale, FP32)
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, FP32)
 
         # Prefix, the partial last tile (if it falls in this split).
         tail = prefix // BLOCK_N
         if (prefix % BLOCK_N != 0) & (tail >= first) & (tail < last):
             cols = tail * BLOCK_N + offs_n
             col_ok = cols < prefix
-            k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
-                k_t = k_t.to(tl.float32)
+                k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = _scores(q, k_t, qk_scale, IEEE)
+            s = _scores(q, k, qk_scale, FP32)
             s = tl.where(col_ok[None, :], s, float("-inf"))
-            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, FP32)
 
         # Tree part: new token j sits at cache position prefix + j.
         tree_first = tl.maximum(first, num_prefix_tiles) - num_prefix_tiles
@@ -290,16 +291,16 @@ if triton is not None:
                 visible = ((words >> (new_col % 32)[None, :]) & 1) != 0
                 any_visible = tl.max(visible.to(tl.int32)) > 0
             if any_visible:  # a tree tile no row of this block sees costs only its mask read
-                k_t = tl.load(k_base + pos[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                              mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 v = tl.load(v_base + pos[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 if UPCAST:
-                    k_t = k_t.to(tl.float32)
+                    k = k.to(tl.float32)
                     v = v.to(tl.float32)
-                s = _scores(q, k_t, qk_scale, IEEE)
+                s = _scores(q, k, qk_scale, FP32)
                 s = tl.where(visible, s, float("-inf"))
-                acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, IEEE)
+                acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, FP32)
 
         if NUM_SPLITS == 1:
             # A row that saw nothing gives 0/0 = NaN, as softmax over nothing does in the
@@ -325,39 +326,29 @@ if triton is not None:
         part_o_ptr, part_lse_ptr, out_ptr,
         stride_ob, stride_ot, stride_oh, stride_od,
         num_rows, num_new, num_q_heads, head_dim, num_splits,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLITS_POW2: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < num_rows
-        rows64 = rows.to(tl.int64)
+        # One program per output row, all splits in one [splits, D] tile: a single wave of
+        # loads, and as many programs as rows to spread the (small) partials over the SMs.
+        row = tl.program_id(0).to(tl.int64)
+        splits = tl.arange(0, SPLITS_POW2)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
-        splits = tl.arange(0, SPLITS_POW2)
-        lse = tl.load(part_lse_ptr + splits[None, :].to(tl.int64) * num_rows + rows64[:, None],
-                      mask=row_ok[:, None] & (splits < num_splits)[None, :],
+        lse = tl.load(part_lse_ptr + splits * num_rows + row, mask=splits < num_splits,
                       other=float("-inf"))
-        top = tl.max(lse, 1)
+        top = tl.max(lse, 0)
         top = tl.where(top == float("-inf"), 0.0, top)
-        total = tl.sum(tl.exp2(lse - top[:, None]), 1)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for split in tl.range(0, num_splits):
-            row_lse = tl.load(part_lse_ptr + split * num_rows + rows64, mask=row_ok,
-                              other=float("-inf"))
-            weight = tl.exp2(row_lse - top)
-            # Splits that saw nothing wrote no partial output: never read it.
-            partial = tl.load(part_o_ptr + (split * num_rows + rows64)[:, None] * head_dim
-                              + offs_d[None, :],
-                              mask=(row_ok & (weight > 0.0))[:, None] & d_ok[None, :], other=0.0)
-            acc += weight[:, None] * partial
-        out = acc / tl.where(row_ok, total, 1.0)[:, None]
-        b = rows // (num_new * num_q_heads)
-        t = (rows // num_q_heads) % num_new
-        h = rows % num_q_heads
-        out_ptrs = (out_ptr + b.to(tl.int64)[:, None] * stride_ob
-                    + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh
-                    + offs_d[None, :] * stride_od)
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        weight = tl.exp2(lse - top)
+        # Splits that saw nothing wrote no partial output: never read it.
+        partial = tl.load(part_o_ptr + (splits * num_rows + row)[:, None] * head_dim
+                          + offs_d[None, :],
+                          mask=(weight > 0.0)[:, None] & d_ok[None, :], other=0.0)
+        out = tl.sum(weight[:, None] * partial, 0) / tl.sum(weight, 0)
+        b = row // (num_new * num_q_heads)
+        t = (row // num_q_heads) % num_new
+        h = row % num_q_heads
+        tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + offs_d * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,6 +372,9 @@ class TreeAttentionConfig:
     num_splits: int = 1
 
 
+_MAX_SPLITS = 32  # keeps the merge kernel's [splits, D] tile at <= 32 registers per thread
+
+
 @functools.lru_cache(maxsize=8)
 def _device_limits(index: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(index)
@@ -389,47 +383,59 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 def _shared_bytes(config: TreeAttentionConfig, block_d: int, elem_size: int) -> int:
-    # Q tile + pipelined K and V tiles + the probabilities tile fed to the second dot.
-    return elem_size * (config.block_m * block_d
-                        + config.num_stages * 2 * config.block_n * block_d
-                        + config.block_m * config.block_n)
+    # Q tile + pipelined K and V tiles + the probabilities tile fed to the second dot; fp32
+    # (3xTF32 dots) measured ~25% above this count when compiled for sm_90, hence the margin.
+    tiles = (config.block_m * block_d + config.num_stages * 2 * config.block_n * block_d
+             + config.block_m * config.block_n)
+    return elem_size * tiles * (13 if elem_size == 4 else 10) // 10
 
 
 @functools.lru_cache(maxsize=1024)
 def default_config(num_new: int, group: int, head_dim: int, dtype: torch.dtype, batch: int,
                    num_kv_heads: int, max_len: int, device_index: int | None
                    ) -> TreeAttentionConfig:
-    """Heuristic tile sizes (no autotuning: it needs a driver, and one launch must not
-    benchmark). ``device_index`` None means the interpreter (no split by default).
+    """Heuristic launch settings (no autotuning: it needs a driver, and a decoding step must
+    not benchmark). ``device_index`` None means the interpreter (one split).
 
-    * ``block_m``: the stacked rows ``T x G`` rounded up to a power of two, 16 to 128 (64 for
-      ``D > 128`` or fp32, to keep the fp32 accumulator at <= 64 registers per thread).
-    * ``block_n``: 64 (32 for ``D > 128`` or fp32), so that 2-3 pipelined K/V stages fit in
-      shared memory next to the Q tile; checked against the device's limit below.
-    * ``num_splits``: with fewer than ``2 x SMs`` programs, split the columns up to that count,
-      but keep at least 4 tiles of the cache capacity per split (the actual prefix length is
-      on the device: reading it would cost a sync per layer).
+    * ``block_m``: the stacked rows ``T x G`` rounded up to a power of two, from 16 up to 128
+      (64 for ``D > 128`` or fp32). When even that leaves fewer than ``2 x SMs`` programs
+      (the memory-bound regime) it is capped at 64 (32 for ``D > 128``): more programs, and the
+      split epilogue then fits the registers.
+    * ``block_n``: 64 (32 for ``D > 128`` or fp32) with 3 (2) pipelined stages, shrunk until
+      the Q tile, the K/V stages and the P tile fit the device's shared memory.
+    * ``num_warps``: 4 for ``block_m <= 16`` (an mma.sync tile), else 8. Compiled for sm_90
+      with triton 3.9 these settings use <= 255 registers without spills in fp16/bf16
+      (``D = 128``: 188-255; fp32 runs 3xTF32 dots and spills a little: it is the test dtype).
+    * ``num_splits``: with fewer than ``2 x SMs`` programs, split the column tiles to reach
+      about that count, keeping >= 4 tiles of the cache capacity per split (the actual prefix
+      length lives on the device: reading it would cost a sync per layer), at most 32.
     """
     block_d = max(16, next_power_of_2(head_dim))
-    elem_size = torch.empty((), dtype=dtype).element_size()
+    elem_size = dtype.itemsize
     wide = block_d > 128 or elem_size == 4
-    block_m = min(max(16, next_power_of_2(num_new * group)), 64 if wide else 128)
-    block_m = max(block_m, next_power_of_2(group))
+    min_block_m = max(16, next_power_of_2(group))
+    block_m = max(min_block_m, min(next_power_of_2(num_new * group), 64 if wide else 128))
     block_n = 32 if wide else 64
-    num_warps = 8 if block_m * block_d >= 128 * 128 else 4
     num_stages = 2 if wide else 3
-    config = TreeAttentionConfig(block_m, block_n, num_warps, num_stages)
+    sms, shared_limit = (1 << 30, 1 << 30) if device_index is None else \
+        _device_limits(device_index)
+
+    def programs(rows_m: int) -> int:
+        return triton.cdiv(num_new, max(1, rows_m // group)) * batch * num_kv_heads
+
+    if programs(block_m) < 2 * sms:
+        block_m = max(min_block_m, min(block_m, 32 if block_d > 128 else 64))
+    config = TreeAttentionConfig(block_m, block_n, 4 if block_m <= 16 else 8, num_stages)
     if device_index is None:
         return config
-    sms, shared_limit = _device_limits(device_index)
     while _shared_bytes(config, block_d, elem_size) > shared_limit and config.num_stages > 1:
         config = replace(config, num_stages=config.num_stages - 1)
     while _shared_bytes(config, block_d, elem_size) > shared_limit and config.block_n > 16:
         config = replace(config, block_n=config.block_n // 2)
-    rows_per_block = max(1, block_m // group)
-    programs = triton.cdiv(num_new, rows_per_block) * batch * num_kv_heads
-    if programs < 2 * sms:
-        splits = min(triton.cdiv(2 * sms, programs), max(1, max_len // (4 * block_n)), 64)
+    count = programs(block_m)
+    if count < 2 * sms:
+        splits = min(triton.cdiv(2 * sms, count), max(1, max_len // (4 * config.block_n)),
+                     _MAX_SPLITS)
         config = replace(config, num_splits=splits)
     return config
 
@@ -451,8 +457,9 @@ def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
         raise ValueError(f"config.block_n must be a power of two >= 16, got {config.block_n}")
     if config.block_m < group:
         raise ValueError(f"config.block_m = {config.block_m} must be >= Hq / Hkv = {group}")
-    if config.num_splits < 1:
-        raise ValueError(f"config.num_splits must be >= 1, got {config.num_splits}")
+    if not 1 <= config.num_splits <= _MAX_SPLITS:
+        raise ValueError(f"config.num_splits must be in [1, {_MAX_SPLITS}], got "
+                         f"{config.num_splits}")
     rows_per_block = config.block_m // group
     num_rows = batch * num_new * num_q_heads
     if out is None:
@@ -481,17 +488,17 @@ def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
         GROUP=group, ROWS=rows_per_block,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         NUM_SPLITS=config.num_splits, CAUSAL=causal,
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32,
         EVEN_D=block_d == head_dim,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.num_splits > 1:
-        block_r = max(1, min(64, 4096 // block_d))
-        _merge_splits_kernel[(triton.cdiv(num_rows, block_r),)](
+        splits_pow2 = next_power_of_2(config.num_splits)
+        _merge_splits_kernel[(num_rows,)](
             part_o, part_lse, out, *out.stride(),
             num_rows, num_new, num_q_heads, head_dim, config.num_splits,
-            BLOCK_R=block_r, BLOCK_D=block_d, SPLITS_POW2=next_power_of_2(config.num_splits),
-            num_warps=4,
+            BLOCK_D=block_d, SPLITS_POW2=splits_pow2,
+            num_warps=max(1, min(8, splits_pow2 * block_d // 1024)),
         )
     return out
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import triton
 
 from ouroboros_kernels.tree import build_tree, unpack_tree_mask
 from ouroboros_kernels.tree_attention import (
@@ -110,9 +111,10 @@ def test_reference_shared_mask_and_out():
 # against the float64 reference evaluated on the same (rounded) inputs.
 # --------------------------------------------------------------------------------------------
 
-# Max abs/rel error vs float64 on the rounded inputs. fp32 dots run in IEEE fp32 ("ieee"
-# precision, no tf32). fp16/bf16: the output is rounded to the dtype (2^-11 / 2^-8 relative)
-# and, compiled, the probabilities are rounded to it before the P.V dot; |out| <= max |v| ~ 4.
+# Max abs/rel error vs float64 on the rounded inputs. fp32: 3xTF32 dots on the GPU (about
+# fp32 accuracy), numpy fp32 under the interpreter. fp16/bf16: the output is rounded to the
+# dtype (2^-11 / 2^-8 relative) and, compiled, the probabilities are rounded to it before the
+# P.V dot; |out| <= max |v| ~ 4.
 TOLERANCE = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
     torch.float16: {"atol": 3e-3, "rtol": 3e-3},
@@ -276,6 +278,93 @@ def test_kernel_rejects_bad_arguments():
     with pytest.raises(ValueError, match="block_m"):
         tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask,
                               config=TreeAttentionConfig(24, 32, 4, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Compile check without a GPU: the kernels must lower to sm_90 code (as CI compile-checks the
+# .cu files with nvcc), so that a compile error cannot hide behind the interpreter.
+# --------------------------------------------------------------------------------------------
+
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+def compile_for_sm90() -> list[dict]:
+    """Compile the kernels for sm_90 with the heuristic configs of a few shapes. Runs in a
+    subprocess without TRITON_INTERPRET (the interpreter decides at import time)."""
+    import json
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module("ouroboros_kernels.tree_attention")
+    module._device_limits = lambda index: (132, SM90_SHARED_LIMIT)  # an H100
+    target = GPUTarget("cuda", 90, 32)
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    results = []
+    shapes = [  # T, G, D, dtype, causal
+        (1, 4, 128, torch.bfloat16, False),    # decode, split-KV, mma.sync tile
+        (64, 8, 80, torch.float16, False),     # tree, padded head dim, wgmma tile
+        (2048, 1, 128, torch.bfloat16, True),  # prefill
+        (16, 4, 256, torch.float32, False),    # fp32 3xTF32, widest head
+    ]
+    kernel = module._tree_attention_kernel
+    for num_new, group, head_dim, dtype, causal in shapes:
+        config = module.default_config(num_new, group, head_dim, dtype, 1, 8, 8192, 0)
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        split = config.num_splits > 1
+        signature, constants = {}, {}
+        for name in kernel.arg_names:
+            signature[name] = "i32"
+        for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+            signature[name] = "*" + names[dtype]
+        for name in ("prefix_lens_ptr", "mask_ptr"):
+            signature[name] = "*i32"
+        for name in ("part_o_ptr", "part_lse_ptr"):
+            signature[name] = "*fp32" if split else "*" + names[dtype]
+        signature["qk_scale"] = "fp32"
+        constants = dict(GROUP=group, ROWS=max(1, config.block_m // group),
+                         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+                         NUM_SPLITS=config.num_splits, CAUSAL=causal, UPCAST=False,
+                         FP32=dtype == torch.float32, EVEN_D=block_d == head_dim)
+        for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mw"):
+            constants[name] = 1  # unit strides are specialised like this at run time
+        for name in constants:
+            signature[name] = "constexpr"
+        aligned = [i for i, name in enumerate(kernel.arg_names) if name.endswith("_ptr")]
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
+                                 options=dict(num_warps=config.num_warps,
+                                              num_stages=config.num_stages))
+        results.append(dict(shape=[num_new, group, head_dim, str(dtype), causal],
+                            config=repr(config), shared=compiled.metadata.shared))
+    merge = module._merge_splits_kernel
+    signature = {name: "i32" for name in merge.arg_names}
+    signature.update(part_o_ptr="*fp32", part_lse_ptr="*fp32", out_ptr="*bf16")
+    constants = dict(BLOCK_D=128, SPLITS_POW2=32, stride_od=1)
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(merge, signature, constants), target=target,
+                              options=dict(num_warps=4))
+    results.append(dict(shape="merge", shared=max(1, compiled.metadata.shared)))
+    print(json.dumps(results))
+    return results
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU run compiles the kernels for real")
+def test_kernels_compile_for_sm90():
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    code = "import test_tree_attention as t; t.compile_for_sm90()"
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 5
+    for result in results:
+        assert 0 < result["shared"] <= SM90_SHARED_LIMIT, result
 
 
 # --------------------------------------------------------------------------------------------
