@@ -249,12 +249,17 @@ class OuroborosDecoder:
                                  f"({max_new_tokens}) exceeds the {name}'s context of "
                                  f"{limit} tokens")
         sampling = SamplingParams.from_arguments(do_sample, temperature, top_k, top_p)
-        if sampling.do_sample and generator is None:
-            generator = torch.Generator(device=self.device)
-            if seed is not None:
-                generator.manual_seed(seed)
-            else:
-                generator.seed()
+        uniforms = None
+        if sampling.do_sample:
+            if generator is None:
+                generator = torch.Generator(device=self.device)
+                if seed is not None:
+                    generator.manual_seed(seed)
+                else:
+                    generator.seed()
+            uniforms = torch.rand(max_new_tokens + config.largest_target_tree + 1,
+                                  generator=generator, dtype=torch.float64,
+                                  device=self.device)
         if stop is not None and not callable(stop):
             raise TypeError(f"stop must be callable, got {type(stop).__name__}")
         rules = StopRules(max_new_tokens, _eos_ids(self.target, eos_token_id), stop)
@@ -268,7 +273,8 @@ class OuroborosDecoder:
         if self.pool is not None and not config.warm_start:
             self.pool.clear()
         session = Session(config=config, target=target, draft=draft, pool=self.pool,
-                          sampling=sampling, generator=generator, tokens=list(prompt),
+                          sampling=sampling, uniforms=uniforms, tokens=list(prompt),
+                          prompt_length=len(prompt), max_new_tokens=max_new_tokens,
                           stats=GenerationStats())
         if self.pool is not None and config.seed_pool_from_prompt:
             session.stats.prompt_ngrams = insert_sequence_ngrams(session, prompt)

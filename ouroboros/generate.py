@@ -145,6 +145,7 @@ class TokenTree:
 
     tokens: list[int] = field(default_factory=list)
     parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)  # roots (children of the end): 0
     _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -159,6 +160,7 @@ class TokenTree:
                 node = len(self.tokens)
                 self.tokens.append(token)
                 self.parents.append(parent)
+                self.depths.append(self.depths[parent] + 1 if parent >= 0 else 0)
                 self._children[(parent, token)] = node
             nodes.append(node)
             parent = node
@@ -313,8 +315,10 @@ class Session:
     draft: ModelRunner | None
     pool: object | None  # ouroboros_kernels.CandidatePool
     sampling: SamplingParams
-    generator: torch.Generator | None
+    uniforms: torch.Tensor | None  # float64 [max_new_tokens + tree depth]: u_p per position
     tokens: list[int]
+    prompt_length: int
+    max_new_tokens: int
     stats: GenerationStats
     draft_window: JacobiWindow | None = None
     target_window: JacobiWindow | None = None
@@ -364,21 +368,22 @@ def insert_sequence_ngrams(session: Session, tokens: Sequence[int]) -> int:
 # ============================================================================ phases
 
 
-def draft_phase(session: Session) -> tuple[list[int], int]:
-    """Draft γ tokens with the draft model, phrase by phrase (DESIGN.md §2).
+def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
+    """Draft ``budget`` (at most γ) tokens with the draft model, phrase by phrase
+    (DESIGN.md §2).
 
     Each pass feeds the draft's pending tokens, the pool phrases keyed by the last token
     and the Jacobi window; it keeps the longest phrase the draft agrees with and the draft's
     own next token, so the draft text is exactly the draft's greedy continuation.
 
-    Returns ``(draft_tokens, cached)``: the γ draft tokens and how many of them have their
+    Returns ``(draft_tokens, cached)``: the draft tokens and how many of them have their
     K/V in the draft cache (all but the last produced).
     """
     config, runner, stats = session.config, session.draft, session.stats
     pending = session.tokens[runner.length:]
     drafted: list[int] = []
     with _Timer(stats, "time_draft"):
-        while len(drafted) < config.gamma:
+        while len(drafted) < budget:
             tree = TokenTree()
             for _, phrase in pool_phrases(session, pending[-1], config.draft_phrases):
                 tree.add_path(-1, phrase)
@@ -396,7 +401,7 @@ def draft_phase(session: Session) -> tuple[list[int], int]:
                 ngrams = session.draft_window.advance(
                     window_nodes, lambda node, c=outcome.choices: c[node + 1])
                 stats.window_ngrams += insert_ngrams(session, ngrams)
-    return drafted[:config.gamma], min(len(drafted) - 1, config.gamma)
+    return drafted[:budget], min(len(drafted) - 1, budget)
 
 
 @dataclass
@@ -411,18 +416,33 @@ class VerificationTree:
     window_nodes: list[list[int]] | None
 
 
-def build_verification_tree(session: Session, draft_tokens: list[int]) -> VerificationTree:
+def build_verification_tree(session: Session, draft_tokens: list[int],
+                            budget: int) -> VerificationTree:
     """Pending end -> draft chain -> K pool suffixes keyed by the last draft token (the last
-    committed token without a draft) [-> the target's Jacobi window]."""
+    committed token without a draft) [-> the target's Jacobi window]. No suffixes when the
+    draft already reaches ``budget`` (nothing after it could be emitted)."""
     tree = TokenTree()
     draft_nodes = tree.add_path(-1, draft_tokens)
     anchor = draft_nodes[-1] if draft_nodes else -1
     key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
     suffixes = []
-    for slot, phrase in pool_phrases(session, key, session.config.num_suffixes):
+    num_suffixes = session.config.num_suffixes if len(draft_tokens) < budget else 0
+    for slot, phrase in pool_phrases(session, key, num_suffixes):
         suffixes.append((key, slot, phrase, tree.add_path(anchor, phrase)))
     window_nodes = session.target_window.attach(tree, -1) if session.target_window else None
     return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
+
+
+def node_uniforms(session: Session, tree: TokenTree) -> torch.Tensor | None:
+    """The uniform of each choice row (sampling only): row 0 decides the next new token,
+    row 1 + i the token after node i; a row deciding new token p uses ``u_p``."""
+    if session.uniforms is None:
+        return None
+    generated = len(session.tokens) - session.prompt_length
+    rows = [generated] + [generated + depth + 1 for depth in tree.depths]
+    last = session.uniforms.shape[0] - 1
+    index = torch.tensor([min(row, last) for row in rows], device=session.uniforms.device)
+    return session.uniforms[index]
 
 
 def verify(session: Session, verification: VerificationTree) -> Acceptance:
@@ -431,7 +451,8 @@ def verify(session: Session, verification: VerificationTree) -> Acceptance:
     with _Timer(stats, "time_verify"):
         pending = session.tokens[session.target.length:]
         logits = forward_tree(session.target, pending, verification.tree)
-        choices = choose_tokens(logits, session.sampling, session.generator)
+        choices = choose_tokens(logits, session.sampling, node_uniforms(session,
+                                                                          verification.tree))
         outcome = accept(verification.tree, choices, sampled=session.sampling.do_sample)
     stats.target_passes += 1
     return outcome
@@ -529,8 +550,12 @@ class StopRules:
 def decode_step(session: Session) -> list[int]:
     """One Ouroboros step; returns the tokens the target accepted (path + bonus)."""
     committed_from = len(session.tokens)
-    draft_tokens, draft_cached = draft_phase(session) if session.draft is not None else ([], 0)
-    verification = build_verification_tree(session, draft_tokens)
+    # Tokens a step may still emit besides the bonus: drafting further is wasted work.
+    budget = session.max_new_tokens - (committed_from - session.prompt_length) - 1
+    draft_budget = min(session.config.gamma, budget)
+    draft_tokens, draft_cached = draft_phase(session, draft_budget) \
+        if session.draft is not None and draft_budget > 0 else ([], 0)
+    verification = build_verification_tree(session, draft_tokens, budget)
     outcome = verify(session, verification)
     accepted_draft = sum(1 for n in outcome.path if n < len(verification.draft_nodes))
     chunk = outcome.path_tokens + [outcome.bonus]

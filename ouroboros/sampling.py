@@ -5,6 +5,13 @@ Sampling is lossless in the engine because every node's token is drawn from the 
 own processed distribution in that node's context, and the walk down the tree follows the
 child equal to the draw (``ouroboros_kernels.accept_sampled``): each emitted token is a
 draw from the target's next-token distribution, whatever the draft proposed.
+
+The draws are made by inverse CDF from position-keyed uniforms: every row that decides the
+p-th new token uses the same ``u_p`` (one independent uniform per output position, drawn
+from the seeded generator up front). The emitted path visits each position once, so the
+output is exactly autoregressive sampling with ``u_1, u_2, ...``; and since no draw depends
+on the tree's shape, a seed gives the same text with every method, draft and pool state
+(up to float rounding at a CDF boundary).
 """
 
 from __future__ import annotations
@@ -77,10 +84,21 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row: ``logits: [N, V]`` -> ``int64[N]``, the argmax (greedy) or an
-    independent draw per row from the processed distribution (using ``generator``)."""
+                  uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row: ``logits: [N, V]`` -> ``int64[N]``.
+
+    Greedy: the argmax. Sampling: the inverse CDF of the processed distribution (computed in
+    float64) at ``uniforms: float64[N]`` in ``[0, 1)``; a token of probability 0 is never
+    chosen.
+    """
     if not params.do_sample:
         return logits.argmax(dim=-1)
-    probs = process_logits(logits, params).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if uniforms is None or uniforms.shape != logits.shape[:1]:
+        raise ValueError(f"sampling needs one uniform per row: uniforms of shape "
+                         f"[{logits.shape[0]}], got "
+                         f"{None if uniforms is None else tuple(uniforms.shape)}")
+    probs = process_logits(logits, params).double().softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(
+        max=logits.shape[-1] - 1)
