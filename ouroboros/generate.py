@@ -392,7 +392,7 @@ def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
             logits = forward_tree(runner, pending, tree)
             outcome = accept(tree, logits.argmax(dim=-1), sampled=False)
             runner.cache.commit(len(pending), outcome.accepted_idx, outcome.accepted_len,
-                                len(outcome.path))
+                                len(outcome.path), runner.backend)
             stats.draft_passes += 1
             stats.draft_phrase_tokens += len(outcome.path)
             drafted += outcome.path_tokens + [outcome.bonus]
@@ -517,7 +517,7 @@ def compact_caches(session: Session, outcome: Acceptance, committed_from: int,
     target accepted."""
     num_pending = committed_from - session.target.length
     session.target.cache.commit(num_pending, outcome.accepted_idx, outcome.accepted_len,
-                                len(outcome.path))
+                                len(outcome.path), session.target.backend)
     if session.draft is not None:
         session.draft.cache.truncate(committed_from + min(draft_cached, accepted_draft))
 
