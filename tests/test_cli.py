@@ -1,0 +1,75 @@
+"""CLI smoke tests: ``ouroboros generate`` on a tiny model saved as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import pytest
+from engine_models import greedy_reference, single_thread, tiny_llama  # noqa: F401
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from ouroboros.cli import build_parser, main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+WORDS = [f"w{i}" for i in range(45)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama (vocab 48) with a word-level tokenizer: <pad>=0, <s>=1, </s>=2."""
+    folder = tmp_path_factory.mktemp("tiny")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    tiny_llama(0).save_pretrained(folder)
+    return folder, tokenizer
+
+
+@pytest.mark.parametrize("method", ["ouroboros", "lookahead", "speculative", "greedy"])
+def test_generate_prints_the_greedy_text_and_stats(model_dir, method, capsys):
+    folder, tokenizer = model_dir
+    prompt = "w3 w7 w1 w30 w12"
+    args = ["generate", "--target", str(folder), "--prompt", prompt, "--method", method,
+            "--max-new-tokens", "15", "--device", "cpu", "--set", "gamma=3"]
+    if method in ("ouroboros", "speculative"):
+        args += ["--draft", str(folder)]
+    else:
+        args[-1] = "gamma=0"
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = greedy_reference(model, ids, 15)[0, ids.shape[1]:]  # saved: no EOS
+    assert out.strip() == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert f"[{method}]" in err and "tokens/pass" in err
+
+
+def test_sampling_and_no_stream(model_dir, capsys):
+    folder, _ = model_dir
+    args = ["generate", "--target", str(folder), "--draft", str(folder), "--prompt", "w1 w2",
+            "--temperature", "0.8", "--top-k", "10", "--seed", "3", "--max-new-tokens", "6",
+            "--no-stream", "--device", "cpu"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
+def test_cli_errors(model_dir):
+    folder, _ = model_dir
+    with pytest.raises(SystemExit, match="needs --draft"):
+        main(["generate", "--target", str(folder), "--prompt", "w1"])
+    with pytest.raises(SystemExit, match="--set expects FIELD=VALUE"):
+        main(["generate", "--target", str(folder), "--prompt", "w1", "--method", "greedy",
+              "--set", "colour=blue"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "generate" in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["generate", "--target", str(folder)])  # --prompt missing
