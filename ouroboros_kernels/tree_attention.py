@@ -193,10 +193,10 @@ if triton is not None:
         stride_vb, stride_vh, stride_vs, stride_vd,
         stride_mb, stride_mt, stride_mw,
         stride_ob, stride_ot, stride_oh, stride_od,
-        num_new, num_kv_heads, max_len, head_dim, num_rows, qk_scale,
+        num_new, num_kv_heads, max_len, head_dim, num_rows, num_splits, qk_scale,
         GROUP: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
         FP32: tl.constexpr, EVEN_D: tl.constexpr,
     ):
         row_block = tl.program_id(0)
@@ -232,7 +232,7 @@ if triton is not None:
         else:
             tree_cols = num_new
         num_tiles = num_prefix_tiles + tl.cdiv(tree_cols, BLOCK_N)
-        per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+        per_split = tl.cdiv(num_tiles, num_splits)
         first = split * per_split
         last = tl.minimum(first + per_split, num_tiles)
 
@@ -302,7 +302,7 @@ if triton is not None:
                 s = tl.where(visible, s, float("-inf"))
                 acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, FP32)
 
-        if NUM_SPLITS == 1:
+        if not SPLIT:
             # A row that saw nothing gives 0/0 = NaN, as softmax over nothing does in the
             # reference; padding rows (never stored) divide by 1.
             out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
@@ -484,10 +484,10 @@ def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
     _tree_attention_kernel[grid](
         q, k_cache, v_cache, prefix_lens, mask_arg, out, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides, *out.stride(),
-        num_new, num_kv_heads, max_len, head_dim, num_rows, scale * _LOG2E,
+        num_new, num_kv_heads, max_len, head_dim, num_rows, config.num_splits, scale * _LOG2E,
         GROUP=group, ROWS=rows_per_block,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-        NUM_SPLITS=config.num_splits, CAUSAL=causal,
+        SPLIT=config.num_splits > 1, CAUSAL=causal,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32,
         EVEN_D=block_d == head_dim,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -251,10 +251,14 @@ def test_kernel_rejects_bad_arguments():
         call(prefix_lens=prefix[:1])
     with pytest.raises(TypeError, match="prefix_lens"):
         call(prefix_lens=prefix.float())
+    # Bounds are checked on the host by default only for CPU prefix_lens (no sync on CUDA).
     with pytest.raises(ValueError, match="exceeds the cache length"):
-        call(prefix_lens=prefix + 1)
+        call(prefix_lens=prefix + 1, check_bounds=True)
     with pytest.raises(ValueError, match=">= 0"):
-        call(prefix_lens=prefix - 4)
+        call(prefix_lens=prefix - 4, check_bounds=True)
+    if prefix.device.type == "cpu":
+        with pytest.raises(ValueError, match="exceeds the cache length"):
+            call(prefix_lens=prefix + 1)
     with pytest.raises(ValueError, match="too few for"):
         big = torch.randn(2, 40, 4, 64, dtype=q.dtype, device=q.device)
         cache = torch.randn(2, 2, 60, 64, dtype=q.dtype, device=q.device)
@@ -324,7 +328,7 @@ def compile_for_sm90() -> list[dict]:
         signature["qk_scale"] = "fp32"
         constants = dict(GROUP=group, ROWS=max(1, config.block_m // group),
                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
-                         NUM_SPLITS=config.num_splits, CAUSAL=causal, UPCAST=False,
+                         SPLIT=split, CAUSAL=causal, UPCAST=False,
                          FP32=dtype == torch.float32, EVEN_D=block_d == head_dim)
         for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mw"):
             constants[name] = 1  # unit strides are specialised like this at run time
@@ -377,13 +381,20 @@ needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA and OUROBOROS_TEST
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch, num_new, hq, hkv, prefix_lens, kind", [
-    (1, 1, 32, 8, [3000], "chain"),          # decode: split-KV
-    (4, 16, 9, 3, [0, 517, 1024, 2049], "random"),
-    (2, 64, 64, 8, [700, 1500], "star"),
-    (1, 300, 32, 32, [129], "random"),
+@pytest.mark.parametrize("batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype", [
+    # Every head dim in both 16-bit dtypes, spread over decode (split-KV), small and large
+    # trees, long prefixes and all the GQA ratios.
+    (1, 1, 32, 8, 128, [3000], "chain", torch.bfloat16),
+    (4, 1, 32, 8, 128, [3000, 17, 900, 4095], "chain", torch.float16),
+    (4, 16, 9, 3, 64, [0, 517, 1024, 2049], "random", torch.bfloat16),
+    (2, 16, 9, 3, 64, [4000, 33], "star", torch.float16),
+    (2, 64, 64, 8, 80, [700, 1500], "random", torch.bfloat16),
+    (1, 40, 8, 8, 80, [2500], "chain", torch.float16),
+    (1, 300, 32, 32, 96, [129], "random", torch.float16),
+    (2, 7, 16, 2, 96, [1, 3333], "random", torch.bfloat16),
+    (1, 100, 16, 4, 256, [1200], "random", torch.bfloat16),
+    (3, 3, 8, 1, 256, [2000, 0, 64], "star", torch.float16),
+    (2, 33, 32, 8, 128, [5000, 6000], "random", torch.float32),
 ])
 def test_gpu_kernel_shapes(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype):
     run_kernel_case(batch, num_new, hq, hkv, head_dim, prefix_lens, kind, dtype, seed=head_dim)
