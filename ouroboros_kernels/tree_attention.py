@@ -130,7 +130,15 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     num_kv_heads = k_cache.shape[1]
     device = q.device
     prefix = prefix_lens.to(torch.int64)
-    span = int(prefix.max()) + num_new
+    shortest, longest = (int(x) for x in torch.aminmax(prefix))
+    span = longest + num_new
+    gqa = num_q_heads != num_kv_heads
+    if num_new == 1 and shortest == longest and (causal or tree_mask is None):
+        # Plain decoding step: every sequence sees exactly columns [0, span), no mask needed.
+        result = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_cache[:, :, :span], v_cache[:, :, :span], scale=scale,
+            enable_gqa=gqa).transpose(1, 2)
+        return result.contiguous() if out is None else out.copy_(result)
     # rel[b, c]: cache column c relative to sequence b's first new token.
     rel = torch.arange(span, device=device)[None, :] - prefix[:, None]
     in_tree = (rel >= 0) & (rel < num_new)
@@ -144,12 +152,9 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     mask = (rel < 0)[:, None, :] | (tree_visible & in_tree[:, None, :])
     result = F.scaled_dot_product_attention(
         q.transpose(1, 2), k_cache[:, :, :span], v_cache[:, :, :span],
-        attn_mask=mask[:, None], scale=scale, enable_gqa=num_q_heads != num_kv_heads,
+        attn_mask=mask[:, None], scale=scale, enable_gqa=gqa,
     ).transpose(1, 2)
-    if out is None:
-        return result.contiguous()
-    out.copy_(result)
-    return out
+    return result.contiguous() if out is None else out.copy_(result)
 
 
 

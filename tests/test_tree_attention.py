@@ -90,6 +90,20 @@ def test_reference_matches_naive(batch, num_new, heads, head_dim, prefix_lens, k
     torch.testing.assert_close(result, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("prefix_lens", [[9, 9], [9, 4]])
+def test_reference_decode_step(prefix_lens):
+    # T = 1 without a mask: with equal prefixes the reference skips the mask entirely.
+    q, k_cache, v_cache, prefix, _ = make_case(2, 1, 6, 2, 16, prefix_lens)
+    q, k_cache, v_cache, prefix = (t.cpu() for t in (q, k_cache, v_cache, prefix))
+    visible = torch.ones(2, 1, 1, dtype=torch.bool)
+    want = naive_attention(q, k_cache, v_cache, prefix, visible)
+    torch.testing.assert_close(tree_attention_reference(q, k_cache, v_cache, prefix), want,
+                               rtol=1e-10, atol=1e-10)
+    out = torch.full_like(q, float("nan"))
+    assert tree_attention_reference(q, k_cache, v_cache, prefix, causal=True, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
 def test_reference_shared_mask_and_out():
     q, k_cache, v_cache, prefix, tree_mask = make_case(3, 7, 4, 2, 8, [2, 5, 0],
                                                        per_sequence_tree=False)
