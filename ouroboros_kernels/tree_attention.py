@@ -412,7 +412,7 @@ def default_config(num_new: int, group: int, head_dim: int, dtype: torch.dtype, 
       with triton 3.9 these settings use <= 255 registers without spills in fp16/bf16
       (``D = 128``: 188-255; fp32 runs 3xTF32 dots and spills a little: it is the test dtype).
     * ``num_splits``: with fewer than ``2 x SMs`` programs, split the column tiles to reach
-      about that count, keeping >= 4 tiles of the cache capacity per split (the actual prefix
+      about that count, keeping >= 2 tiles of the cache capacity per split (the actual prefix
       length lives on the device: reading it would cost a sync per layer), at most 32.
     """
     block_d = max(16, next_power_of_2(head_dim))
@@ -439,7 +439,7 @@ def default_config(num_new: int, group: int, head_dim: int, dtype: torch.dtype, 
         config = replace(config, block_n=config.block_n // 2)
     count = programs(block_m)
     if count < 2 * sms:
-        splits = min(triton.cdiv(2 * sms, count), max(1, max_len // (4 * config.block_n)),
+        splits = min(triton.cdiv(2 * sms, count), max(1, max_len // (2 * config.block_n)),
                      _MAX_SPLITS)
         config = replace(config, num_splits=splits)
     return config

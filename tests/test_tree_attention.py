@@ -363,6 +363,15 @@ def compile_for_sm90() -> list[dict]:
     compiled = triton.compile(ASTSource(merge, signature, constants), target=target,
                               options=dict(num_warps=4))
     results.append(dict(shape="merge", shared=max(1, compiled.metadata.shared)))
+    compact = importlib.import_module("ouroboros_kernels.compact_kv")._compact_kv_kernel
+    signature = {name: "i32" for name in compact.arg_names}
+    signature.update(cache_ptr="*bf16", prefix_lens_ptr="*i32", accepted_idx_ptr="*i32",
+                     accepted_len_ptr="*i32")
+    constants = dict(BLOCK_A=64, BLOCK_D=128)
+    signature.update({name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(compact, signature, constants), target=target,
+                              options=dict(num_warps=4))
+    results.append(dict(shape="compact_kv", shared=max(1, compiled.metadata.shared)))
     print(json.dumps(results))
     return results
 
@@ -380,7 +389,7 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 5
+    assert len(results) == 6
     for result in results:
         assert 0 < result["shared"] <= SM90_SHARED_LIMIT, result
 
