@@ -122,7 +122,10 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     The mask is unpacked once to ``bool[B, T, T]`` and spread over the columns
     ``[0, max(prefix_lens) + T)`` of the cache; one `scaled_dot_product_attention` call does the
     rest (grouped-query heads via ``enable_gqa``). Computes in the input dtype (float64 inputs
-    give a float64 result). Reads ``max(prefix_lens)`` on the host.
+    give a float64 result). Reads ``min/max(prefix_lens)`` on the host. With unequal prefix
+    lengths, columns past a sequence's own ``prefix_len + T`` (up to the longest) are masked
+    but still multiplied by zero weights, so they must hold finite values (a zeroed cache
+    does; the Triton kernel never reads them).
     """
     tree_mask = _check_args(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
                             check_bounds)
@@ -155,7 +158,6 @@ def tree_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         attn_mask=mask[:, None], scale=scale, enable_gqa=gqa,
     ).transpose(1, 2)
     return result.contiguous() if out is None else out.copy_(result)
-
 
 
 # --------------------------------------------------------------------------------------------
