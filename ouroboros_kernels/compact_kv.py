@@ -30,7 +30,7 @@ _INDEX = (torch.int32, torch.int64)
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_idx_b", "num_heads", "head_dim", "num_accepted"])
     def _compact_kv_kernel(
         cache_ptr, prefix_lens_ptr, accepted_idx_ptr, accepted_len_ptr,
         stride_plane, stride_b, stride_h, stride_s,  # plane = (layer, K/V) flattened

@@ -192,7 +192,10 @@ if triton is not None:
             pv = tl.dot(p.to(v.dtype), v)
         return acc * alpha[:, None] + pv, m_new, l_i
 
-    @triton.jit
+    # Sizes that change from step to step are not specialised on (divisibility by 16, == 1):
+    # a new tree size or cache length must not trigger a recompile in the decoding loop.
+    @triton.jit(do_not_specialize=["num_new", "num_kv_heads", "max_len", "head_dim", "num_rows",
+                                   "num_splits"])
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, prefix_lens_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
         stride_qb, stride_qt, stride_qh, stride_qd,
@@ -328,7 +331,8 @@ if triton is not None:
             tl.store(part_o_ptr + flat_row[:, None] * head_dim + offs_d[None, :], partial,
                      mask=(row_ok & has_any)[:, None] & d_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows", "num_new", "num_q_heads", "head_dim",
+                                   "num_splits"])
     def _merge_splits_kernel(
         part_o_ptr, part_lse_ptr, out_ptr,
         stride_ob, stride_ot, stride_oh, stride_od,
