@@ -46,7 +46,8 @@ struct PoolDims {
 };
 PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps);
 void check_clock(const at::Tensor& clock, const at::Tensor& phrases);
-void check_keys(const at::Tensor& keys, const at::Tensor& phrases, const char* name);
+// Keys as a contiguous int64 tensor (int32 keys are converted; other dtypes raise).
+at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases);
 void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
                        const at::Tensor& phrases);
 void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases);
@@ -61,6 +62,14 @@ void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& 
                      const at::Tensor& slots, const at::Tensor& new_phrases);
 
 #ifdef OUROBOROS_WITH_CUDA
+// CUDA implementations (pool_cuda.cu).
+void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
+                      const at::Tensor& keys, const at::Tensor& new_phrases);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
+                                                                const at::Tensor& stamps,
+                                                                const at::Tensor& keys, int64_t k);
+void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
+                      const at::Tensor& slots, const at::Tensor& new_phrases);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
 int64_t cuda_runtime_build_version();
 #endif

@@ -12,9 +12,11 @@
 #include <torch/version.h>
 #endif
 
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace ouroboros {
 
@@ -49,12 +51,14 @@ void check_clock(const at::Tensor& clock, const at::Tensor& phrases) {
                     " but phrases on ", phrases.device());
 }
 
-void check_keys(const at::Tensor& keys, const at::Tensor& phrases, const char* name) {
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong, name, ": expected int64, got ",
-                   keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 1, name, ": expected shape [M], got ", keys.sizes());
-  TORCH_CHECK_VALUE(keys.device() == phrases.device(), name, ": on ", keys.device(),
+at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases) {
+  TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong || keys.scalar_type() == at::kInt,
+                   "keys: expected int64 or int32, got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(keys.dim() == 1, "keys: expected shape [M], got ", keys.sizes());
+  TORCH_CHECK_VALUE(keys.device() == phrases.device(), "keys: on ", keys.device(),
                     " but the pool is on ", phrases.device());
+  if (keys.scalar_type() == at::kInt) return keys.to(at::kLong);  // contiguous copy
+  return keys.contiguous();
 }
 
 void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
@@ -83,25 +87,43 @@ void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases) 
 
 namespace {
 
-// 1 = valid phrase, 0 = padding (contains -1); raises on any other out-of-range token.
+enum PhraseKind { kValid, kPadding, kInvalid };
+
+// Valid: every token in [0, 2**31). Padding: some token is -1 and none is invalid.
 template <typename T>
-bool phrase_is_valid_or_throw(const T* tokens, int64_t L, int64_t row) {
-  bool padding = false;
+inline PhraseKind phrase_kind(const T* tokens, int64_t L) {
+  int64_t lo = static_cast<int64_t>(tokens[0]), hi = lo;
+  for (int64_t l = 1; l < L; ++l) {  // branch-free: the common case is one compare
+    const int64_t t = static_cast<int64_t>(tokens[l]);
+    lo = t < lo ? t : lo;
+    hi = t > hi ? t : hi;
+  }
+  if (lo >= 0 && hi <= std::numeric_limits<int32_t>::max()) return kValid;
+  PhraseKind kind = kValid;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t t = static_cast<int64_t>(tokens[l]);
     if (t == -1) {
-      padding = true;
-    } else {
-      TORCH_CHECK_VALUE(t >= 0 && t <= std::numeric_limits<int32_t>::max(), "phrases: row ",
-                        row, " holds token ", t,
-                        " (tokens must be in [0, 2**31), or -1 to mark a padding row)");
+      kind = kPadding;
+    } else if (t < 0 || t > std::numeric_limits<int32_t>::max()) {
+      return kInvalid;
     }
   }
-  return !padding;
+  return kind;
 }
 
-inline void check_key_value(int64_t key, int64_t V, int64_t row, const char* name) {
-  TORCH_CHECK_VALUE(key >= -1 && key < V, name, ": entry ", row, " is ", key,
+template <typename T>
+void check_phrase_row(const T* tokens, int64_t L, int64_t row) {
+  if (phrase_kind(tokens, L) != kInvalid) return;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t t = static_cast<int64_t>(tokens[l]);
+    TORCH_CHECK_VALUE(t >= -1 && t <= std::numeric_limits<int32_t>::max(), "phrases: row ",
+                      row, " holds token ", t,
+                      " (tokens must be in [0, 2**31), or -1 to mark a padding row)");
+  }
+}
+
+inline void check_key_value(int64_t key, int64_t V, int64_t row) {
+  TORCH_CHECK_VALUE(key >= -1 && key < V, "keys: entry ", row, " is ", key,
                     " (keys must be in [0, ", V, "), or -1 to mark padding)");
 }
 
@@ -118,48 +140,81 @@ inline void store_phrase(int32_t* stored, const T* tokens, int64_t L) {
   for (int64_t l = 0; l < L; ++l) stored[l] = static_cast<int32_t>(tokens[l]);
 }
 
+// The occupied slot of a key that holds `phrase`, or -1. A branch-free pass marks the slots
+// whose first token matches (rarely more than one); only those are compared in full.
+template <typename T>
+inline int64_t find_phrase(const int32_t* prow, const int64_t* srow, const T* phrase,
+                           int64_t W, int64_t L) {
+  const int32_t first = static_cast<int32_t>(phrase[0]);
+  for (int64_t base = 0; base < W; base += 64) {
+    const int64_t n = W - base < 64 ? W - base : 64;
+    const int32_t* column = prow + base * L;
+    uint64_t hits = 0;
+    for (int64_t w = 0; w < n; ++w) hits |= static_cast<uint64_t>(column[w * L] == first) << w;
+    while (hits != 0) {
+      const int64_t w = base + __builtin_ctzll(hits);
+      hits &= hits - 1;
+      if (srow[w] != 0 && same_phrase(prow + w * L + 1, phrase + 1, L - 1)) return w;
+    }
+  }
+  return -1;
+}
+
+// Where a new phrase goes: the lowest empty slot, else the least recent one (lowest slot on
+// a tie). Empty slots have stamp 0, the smallest possible, so this is simply the arg-min of
+// (stamp, slot): one branch-free pass.
+inline int64_t slot_for_new_phrase(const int64_t* srow, int64_t W) {
+  int64_t target = 0, target_stamp = srow[0];
+  for (int64_t w = 1; w < W; ++w) {
+    const int64_t s = srow[w];
+    target = s < target_stamp ? w : target;
+    target_stamp = s < target_stamp ? s : target_stamp;
+  }
+  return target;
+}
+
+// Rows of upcoming entries are prefetched: with a large vocabulary the pool (tens of MB)
+// does not fit in cache, and each insert would otherwise wait for its lines in turn.
+constexpr int64_t kPrefetchDistance = 6;
+
+inline void prefetch_row(const int32_t* phrases, const int64_t* stamps, int64_t key,
+                         const PoolDims& d) {
+#if defined(__GNUC__)
+  if (key < 0 || key >= d.V) return;
+  const char* srow = reinterpret_cast<const char*>(stamps + key * d.W);
+  for (int64_t off = 0; off < d.W * 8; off += 64) __builtin_prefetch(srow + off, 1);
+  const char* prow = reinterpret_cast<const char*>(phrases + key * d.W * d.L);
+  for (int64_t off = 0; off < d.W * d.L * 4; off += 64) __builtin_prefetch(prow + off, 1);
+#endif
+}
+
 template <typename T>
 void insert_impl(int32_t* phrases, int64_t* stamps, int64_t* clock, const int64_t* keys,
                  const T* tokens, int64_t M, const PoolDims& d) {
   const int64_t W = d.W, L = d.L;
   // Validate everything first so that a bad batch changes nothing.
-  // (Heap use avoided: the validity of each row is recomputed below, which is cheap.)
   for (int64_t i = 0; i < M; ++i) {
-    check_key_value(keys[i], d.V, i, "keys");
-    phrase_is_valid_or_throw(tokens + i * L, L, i);
+    check_key_value(keys[i], d.V, i);
+    check_phrase_row(tokens + i * L, L, i);
   }
   const int64_t base = clock[0];
+  for (int64_t i = 0; i < M && i < kPrefetchDistance; ++i) {
+    prefetch_row(phrases, stamps, keys[i], d);
+  }
   for (int64_t i = 0; i < M; ++i) {
+    if (i + kPrefetchDistance < M) prefetch_row(phrases, stamps, keys[i + kPrefetchDistance], d);
     const int64_t key = keys[i];
     const T* phrase = tokens + i * L;
-    if (key < 0 || !phrase_is_valid_or_throw(phrase, L, i)) continue;  // padding
+    if (key < 0 || phrase_kind(phrase, L) != kValid) continue;  // padding
     const int64_t stamp = base + i + 1;
     int64_t* srow = stamps + key * W;
     int32_t* prow = phrases + key * W * L;
-    int64_t first_empty = -1, oldest = -1;
-    int64_t oldest_stamp = std::numeric_limits<int64_t>::max();
-    int64_t target = -1;
-    for (int64_t w = 0; w < W; ++w) {
-      const int64_t s = srow[w];
-      if (s == 0) {
-        if (first_empty < 0) first_empty = w;
-        continue;
-      }
-      if (same_phrase(prow + w * L, phrase, L)) {
-        target = w;  // phrases of a key are distinct: at most one match
-        break;
-      }
-      if (s < oldest_stamp) {
-        oldest_stamp = s;
-        oldest = w;
-      }
-    }
-    if (target >= 0) {
+    int64_t target = find_phrase(prow, srow, phrase, W, L);
+    if (target >= 0) {  // already there: becomes the most recent
       srow[target] = stamp;
       continue;
     }
-    // The scan stopped early only on a match, so first_empty/oldest cover all slots here.
-    target = first_empty >= 0 ? first_empty : oldest;
+    target = slot_for_new_phrase(srow, W);
     srow[target] = stamp;
     store_phrase(prow + target * L, phrase, L);
   }
@@ -171,17 +226,17 @@ void refine_impl(int32_t* phrases, int64_t* stamps, const int64_t* keys, const S
                  const T* tokens, int64_t M, const PoolDims& d) {
   const int64_t W = d.W, L = d.L;
   for (int64_t i = 0; i < M; ++i) {
-    check_key_value(keys[i], d.V, i, "keys");
+    check_key_value(keys[i], d.V, i);
     const int64_t slot = static_cast<int64_t>(slots[i]);
     TORCH_CHECK_VALUE(slot >= -1 && slot < W, "slots: entry ", i, " is ", slot,
                       " (slots must be in [0, ", W, "), or -1 to mark padding)");
-    phrase_is_valid_or_throw(tokens + i * L, L, i);
+    check_phrase_row(tokens + i * L, L, i);
   }
   for (int64_t i = 0; i < M; ++i) {
     const int64_t key = keys[i];
     const int64_t slot = static_cast<int64_t>(slots[i]);
     const T* phrase = tokens + i * L;
-    if (key < 0 || slot < 0 || !phrase_is_valid_or_throw(phrase, L, i)) continue;
+    if (key < 0 || slot < 0 || phrase_kind(phrase, L) != kValid) continue;  // padding
     int64_t* srow = stamps + key * W;
     int32_t* prow = phrases + key * W * L;
     if (srow[slot] == 0) continue;  // refining an empty slot is a no-op
@@ -204,10 +259,9 @@ void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
                      const at::Tensor& keys, const at::Tensor& new_phrases) {
   const PoolDims d = check_state(phrases, stamps);
   check_clock(clock, phrases);
-  check_keys(keys, phrases, "keys");
-  const int64_t M = keys.size(0);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  const int64_t M = keys_c.size(0);
   check_new_phrases(new_phrases, M, d.L, phrases);
-  const at::Tensor keys_c = keys.contiguous();
   const at::Tensor tokens_c = new_phrases.contiguous();
   if (tokens_c.scalar_type() == at::kInt) {
     insert_impl(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
@@ -225,12 +279,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor&
                                                                const at::Tensor& keys,
                                                                int64_t k) {
   const PoolDims d = check_state(phrases, stamps);
-  check_keys(keys, phrases, "keys");
+  const at::Tensor keys_c = checked_keys(keys, phrases);
   TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  const int64_t M = keys.size(0), W = d.W, L = d.L;
-  const at::Tensor keys_c = keys.contiguous();
+  const int64_t M = keys_c.size(0), W = d.W, L = d.L;
   const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], d.V, m, "keys");
+  for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], d.V, m);
 
   auto opts = phrases.options();  // int32, CPU
   at::Tensor out_phrases = at::empty({M, k, L}, opts);
@@ -242,33 +295,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor&
   const int32_t* pp = phrases.data_ptr<int32_t>();
   const int64_t* sp = stamps.data_ptr<int64_t>();
 
+  // Occupied slots of a key, newest first; on the stack for the usual W <= 64.
+  int32_t order_local[64];
+  std::vector<int32_t> order_heap(W > 64 ? W : 0);
+  int32_t* order = W > 64 ? order_heap.data() : order_local;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t key = key_ptr[m];
     int64_t count = 0;
     if (key >= 0) {
       const int64_t* srow = sp + key * W;
       const int32_t* prow = pp + key * W * L;
-      // Selection by (stamp descending, slot ascending): each round takes the best slot
-      // that ranks strictly after the previous pick. O(min(k, W) * W) with no allocation.
-      int64_t prev_stamp = std::numeric_limits<int64_t>::max();
-      int64_t prev_slot = -1;
-      while (count < k) {
-        int64_t best = -1, best_stamp = 0;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t s = srow[w];
-          if (s == 0) continue;
-          const bool after_prev = s < prev_stamp || (s == prev_stamp && w > prev_slot);
-          if (after_prev && (best < 0 || s > best_stamp)) {  // ties keep the lower slot
-            best = w;
-            best_stamp = s;
-          }
+      // Insertion sort by stamp descending while scanning slots in ascending order: equal
+      // stamps are never moved past each other, so ties keep the lower slot first.
+      int64_t occupied = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t s = srow[w];
+        if (s == 0) continue;
+        int64_t j = occupied++;
+        while (j > 0 && srow[order[j - 1]] < s) {
+          order[j] = order[j - 1];
+          --j;
         }
-        if (best < 0) break;
-        std::memcpy(op + (m * k + count) * L, prow + best * L, L * sizeof(int32_t));
-        os[m * k + count] = static_cast<int32_t>(best);
-        prev_stamp = best_stamp;
-        prev_slot = best;
-        ++count;
+        order[j] = static_cast<int32_t>(w);
+      }
+      count = occupied < k ? occupied : k;
+      for (int64_t r = 0; r < count; ++r) {
+        std::memcpy(op + (m * k + r) * L, prow + order[r] * L, L * sizeof(int32_t));
+        os[m * k + r] = order[r];
       }
     }
     oc[m] = static_cast<int32_t>(count);
@@ -283,11 +336,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor&
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                      const at::Tensor& slots, const at::Tensor& new_phrases) {
   const PoolDims d = check_state(phrases, stamps);
-  check_keys(keys, phrases, "keys");
-  const int64_t M = keys.size(0);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  const int64_t M = keys_c.size(0);
   check_slots(slots, M, phrases);
   check_new_phrases(new_phrases, M, d.L, phrases);
-  const at::Tensor keys_c = keys.contiguous();
   const at::Tensor slots_c = slots.contiguous();
   const at::Tensor tokens_c = new_phrases.contiguous();
   int32_t* pp = phrases.data_ptr<int32_t>();
@@ -330,6 +382,47 @@ TORCH_LIBRARY_IMPL(ouroboros_kernels, CPU, m) {
 
 namespace {
 
+// Direct entry points for the Python wrapper's hot path: the same implementations as the
+// registered ops, minus the dispatcher's per-call overhead (a few µs, which is most of a
+// CPU step). The device decides, exactly as dispatch would.
+[[noreturn]] void unsupported_device(const at::Tensor& phrases) {
+  TORCH_CHECK_VALUE(false, "pool: no kernel for device ", phrases.device(),
+                    phrases.is_cuda() ? " (the extension was built without CUDA)" : "");
+  std::abort();  // unreachable
+}
+
+void insert_direct(at::Tensor phrases, at::Tensor stamps, at::Tensor clock,
+                   const at::Tensor& keys, const at::Tensor& new_phrases) {
+  if (phrases.is_cpu()) return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases);
+#ifdef OUROBOROS_WITH_CUDA
+  if (phrases.is_cuda()) {
+    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases);
+  }
+#endif
+  unsupported_device(phrases);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lookup_direct(const at::Tensor& phrases,
+                                                             const at::Tensor& stamps,
+                                                             const at::Tensor& keys, int64_t k) {
+  if (phrases.is_cpu()) return ouroboros::pool_lookup_cpu(phrases, stamps, keys, k);
+#ifdef OUROBOROS_WITH_CUDA
+  if (phrases.is_cuda()) return ouroboros::pool_lookup_cuda(phrases, stamps, keys, k);
+#endif
+  unsupported_device(phrases);
+}
+
+void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys,
+                   const at::Tensor& slots, const at::Tensor& new_phrases) {
+  if (phrases.is_cpu()) return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases);
+#ifdef OUROBOROS_WITH_CUDA
+  if (phrases.is_cuda()) {
+    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases);
+  }
+#endif
+  unsupported_device(phrases);
+}
+
 std::string torch_build_version() {
 #if defined(TORCH_VERSION_MAJOR)
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
@@ -352,4 +445,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_version") = pybind11::none();
 #endif
   m.attr("torch_version") = torch_build_version();
+  m.def("pool_insert", &insert_direct, "Same as torch.ops.ouroboros_kernels.pool_insert");
+  m.def("pool_lookup", &lookup_direct, "Same as torch.ops.ouroboros_kernels.pool_lookup");
+  m.def("pool_refine", &refine_direct, "Same as torch.ops.ouroboros_kernels.pool_refine");
 }

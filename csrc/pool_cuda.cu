@@ -235,36 +235,38 @@ void launch_chunks(at::Tensor& phrases, at::Tensor& stamps, const int64_t* clock
   }
 }
 
+}  // namespace
+
 void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
                       const at::Tensor& keys, const at::Tensor& new_phrases) {
+  const c10::cuda::CUDAGuard guard(phrases.device());
   const PoolDims d = check_state(phrases, stamps);
   check_clock(clock, phrases);
-  check_keys(keys, phrases, "keys");
-  const int64_t M = keys.size(0);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  const int64_t M = keys_c.size(0);
   check_new_phrases(new_phrases, M, d.L, phrases);
   if (M == 0) return;
-  const c10::cuda::CUDAGuard guard(phrases.device());
-  const at::Tensor keys_c = keys.contiguous();
   const at::Tensor tokens_c = new_phrases.contiguous();
   const int64_t* no_slots = nullptr;
   if (tokens_c.scalar_type() == at::kInt) {
-    launch_chunks<false, int64_t, int32_t>(phrases, stamps, clock.data_ptr<int64_t>(), keys_c, no_slots, tokens_c, d);
+    launch_chunks<false, int64_t, int32_t>(phrases, stamps, clock.data_ptr<int64_t>(), keys_c,
+                                           no_slots, tokens_c, d);
   } else {
-    launch_chunks<false, int64_t, int64_t>(phrases, stamps, clock.data_ptr<int64_t>(), keys_c, no_slots, tokens_c, d);
+    launch_chunks<false, int64_t, int64_t>(phrases, stamps, clock.data_ptr<int64_t>(), keys_c,
+                                           no_slots, tokens_c, d);
   }
   clock.add_(M);  // stream-ordered after the kernels that read it
 }
 
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                       const at::Tensor& slots, const at::Tensor& new_phrases) {
+  const c10::cuda::CUDAGuard guard(phrases.device());
   const PoolDims d = check_state(phrases, stamps);
-  check_keys(keys, phrases, "keys");
-  const int64_t M = keys.size(0);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  const int64_t M = keys_c.size(0);
   check_slots(slots, M, phrases);
   check_new_phrases(new_phrases, M, d.L, phrases);
   if (M == 0) return;
-  const c10::cuda::CUDAGuard guard(phrases.device());
-  const at::Tensor keys_c = keys.contiguous();
   const at::Tensor slots_c = slots.contiguous();
   const at::Tensor tokens_c = new_phrases.contiguous();
   const bool slots32 = slots_c.scalar_type() == at::kInt;
@@ -288,27 +290,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor
                                                                 const at::Tensor& stamps,
                                                                 const at::Tensor& keys,
                                                                 int64_t k) {
-  const PoolDims d = check_state(phrases, stamps);
-  check_keys(keys, phrases, "keys");
-  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  const int64_t M = keys.size(0);
   const c10::cuda::CUDAGuard guard(phrases.device());
+  const PoolDims d = check_state(phrases, stamps);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
+  const int64_t M = keys_c.size(0);
   auto opts = phrases.options();  // int32 on the pool's device
   at::Tensor out_phrases = at::empty({M, k, d.L}, opts);
   at::Tensor out_counts = at::empty({M}, opts);
   at::Tensor out_slots = at::empty({M, k}, opts);
   if (M == 0) return {out_phrases, out_counts, out_slots};
-  const at::Tensor keys_c = keys.contiguous();
   const int64_t blocks = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  lookup_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  lookup_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(), M, k,
       d.V, d.W, d.L, out_phrases.data_ptr<int32_t>(), out_counts.data_ptr<int32_t>(),
       out_slots.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_phrases, out_counts, out_slots};
 }
-
-}  // namespace
 
 }  // namespace ouroboros
 

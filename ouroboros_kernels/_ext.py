@@ -39,9 +39,29 @@ def load_extension() -> ModuleType:
         except (ImportError, OSError) as err:  # OSError: an unloadable shared library
             _error = err
         else:
+            _register_fake_kernels()
             _module = _C
             return _module
     raise ImportError(_BUILD_HINT.format(err=_error)) from _error
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only kernels so that torch.compile / export can trace the pool ops."""
+
+    def fake_insert(phrases, stamps, clock, keys, new_phrases):
+        return None
+
+    def fake_lookup(phrases, stamps, keys, k):
+        M, L = keys.shape[0], phrases.shape[2]
+        return (phrases.new_empty((M, k, L)), phrases.new_empty((M,)),
+                phrases.new_empty((M, k)))
+
+    def fake_refine(phrases, stamps, keys, slots, new_phrases):
+        return None
+
+    for name, fn in (("pool_insert", fake_insert), ("pool_lookup", fake_lookup),
+                     ("pool_refine", fake_refine)):
+        torch.library.register_fake(f"ouroboros_kernels::{name}", fn)
 
 
 def extension_info() -> dict[str, Any]:

@@ -25,9 +25,10 @@ Semantics (see ``csrc/pool.h`` for the complete statement):
   CUDA the op cannot raise without a host sync and skips such entries, unless the call
   passes ``validate=True`` (which syncs).
 
-Argument policy: ``keys`` may be int64 or int32 (int32 is converted, costing one small
-copy); ``phrases``/``tokens`` int32 or int64; ``slots`` int32 or int64. All must be on
-the pool's device. The checks here read only tensor metadata, never device data.
+Argument policy: ``keys`` may be int64 or int32 (int32 costs one small conversion);
+``phrases``/``tokens`` int32 or int64; ``slots`` int32 or int64. All must be on the
+pool's device. Bad arguments raise ValueError/TypeError naming the argument; the checks
+never read device data (so never synchronise) unless ``validate=True``.
 """
 
 from __future__ import annotations
@@ -68,16 +69,29 @@ class PoolLookup(NamedTuple):
     slots: torch.Tensor
 
 
-_ops: Any = None
+class _PoolOps(NamedTuple):
+    # Direct bindings of the C++/CUDA functions (the hot path: no dispatcher overhead) ...
+    insert: Any
+    lookup: Any
+    refine: Any
+    # ... and the registered torch ops (used while torch.compile traces).
+    insert_op: Any
+    lookup_op: Any
+    refine_op: Any
 
 
-def _pool_ops() -> Any:
+_ops: _PoolOps | None = None
+_make_lookup = tuple.__new__  # PoolLookup from the op's 3-tuple without re-packing
+
+
+def _pool_ops() -> _PoolOps:
     global _ops
     if _ops is None:
-        load_extension()
+        module = load_extension()
         namespace = torch.ops.ouroboros_kernels
-        _ops = (namespace.pool_insert.default, namespace.pool_lookup.default,
-                namespace.pool_refine.default)
+        _ops = _PoolOps(module.pool_insert, module.pool_lookup, module.pool_refine,
+                        namespace.pool_insert.default, namespace.pool_lookup.default,
+                        namespace.pool_refine.default)
     return _ops
 
 
@@ -130,7 +144,7 @@ class CandidatePool:
         _require_int("vocab_size", vocab_size, 1)
         _require_int("capacity", capacity, 1)
         _require_int("phrase_len", phrase_len, 1)
-        self._insert_op, self._lookup_op, self._refine_op = _pool_ops()
+        self._ops = _pool_ops()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._phrases = torch.full((vocab_size, capacity, phrase_len), -1, dtype=torch.int32,
                                    device=device)
@@ -172,53 +186,78 @@ class CandidatePool:
 
     # ------------------------------------------------------------------ ops
 
-    def _keys(self, keys: Any, validate: bool) -> torch.Tensor:
-        keys = _index_tensor("keys", keys, 1, self._device)
-        if keys.dtype != torch.int64:
-            keys = keys.to(torch.int64)
-        if validate:
-            _check_range("keys", keys, self.vocab_size)
-        return keys
+    # The hot path calls the compiled function directly: it checks dtypes, shapes, devices
+    # (and, on the CPU, values) itself and raises ValueError/TypeError naming the argument.
+    # Only when it fails are the arguments examined here, to report a non-tensor argument
+    # or a device mismatch as clearly as everything else. No check ever reads device data
+    # unless validate=True.
 
-    def _new_phrases(self, phrases: Any, num_rows: int, validate: bool) -> torch.Tensor:
-        phrases = _index_tensor("phrases", phrases, 2, self._device)
-        if phrases.shape[0] != num_rows or phrases.shape[1] != self.phrase_len:
-            raise ValueError(f"phrases: expected shape [{num_rows}, {self.phrase_len}] "
-                             f"([M, L]), got {tuple(phrases.shape)}")
-        if validate:
+    def _diagnose(self, keys: Any, k: Any = None, slots: Any = None,
+                  phrases: Any = None) -> None:
+        """Raise the clearest error for bad arguments (or return if none is found here)."""
+        keys = _index_tensor("keys", keys, 1, self._device)
+        M = keys.shape[0]
+        if k is not None:
+            _require_int("k", k, 1)
+        if slots is not None:
+            slots = _index_tensor("slots", slots, 1, self._device)
+            if slots.shape[0] != M:
+                raise ValueError(f"slots: expected shape [{M}] ([M]), got {tuple(slots.shape)}")
+        if phrases is not None:
+            phrases = _index_tensor("phrases", phrases, 2, self._device)
+            if tuple(phrases.shape) != (M, self.phrase_len):
+                raise ValueError(f"phrases: expected shape [{M}, {self.phrase_len}] ([M, L]), "
+                                 f"got {tuple(phrases.shape)}")
+
+    def _validate(self, keys: Any, k: Any = None, slots: Any = None,
+                  phrases: Any = None) -> None:
+        """validate=True: all checks, including the values of device tensors (syncs)."""
+        self._diagnose(keys, k, slots, phrases)
+        _check_range("keys", keys, self.vocab_size)
+        if slots is not None:
+            _check_range("slots", slots, self.capacity)
+        if phrases is not None:
             _check_range("phrases", phrases, 2**31)
-        return phrases
 
     def lookup(self, keys: torch.Tensor, k: int, *, validate: bool = False) -> PoolLookup:
         """The ``k`` most recent phrases of each key, newest first.
 
         Args:
-            keys: int64 (or int32) ``[M]`` key tokens; -1 = padding (count 0).
+            keys: int64 or int32 ``[M]`` key tokens; -1 = padding (count 0).
             k: rows per key, ``k >= 1`` (``k > W`` allowed: the extra rows are -1).
             validate: also range-check ``keys`` on CUDA (syncs). The CPU op always checks.
         Returns:
             ``PoolLookup(phrases int32 [M, k, L], counts int32 [M], slots int32 [M, k])``;
             rows past ``counts`` are -1. Recency is not changed.
         """
-        keys = self._keys(keys, validate)
-        if type(k) is not int:
+        if validate:
+            self._validate(keys, k=k)
+        elif k.__class__ is not int:
             _require_int("k", k, 1)
-        if k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {k}")
-        return PoolLookup(*self._lookup_op(self._phrases, self._stamps, keys, k))
+        op = self._ops.lookup_op if torch.compiler.is_compiling() else self._ops.lookup
+        try:
+            return _make_lookup(PoolLookup, op(self._phrases, self._stamps, keys, k))
+        except (TypeError, ValueError):
+            self._diagnose(keys, k=k)
+            raise
 
     def insert(self, keys: torch.Tensor, phrases: torch.Tensor, *,
                validate: bool = False) -> None:
         """Insert ``phrases[i]`` under ``keys[i]`` for i in order (LRU; see module doc).
 
         Args:
-            keys: int64 (or int32) ``[M]``; -1 = padding (entry skipped).
+            keys: int64 or int32 ``[M]``; -1 = padding (entry skipped).
             phrases: int32 or int64 ``[M, L]``; a row containing -1 is padding.
             validate: also range-check the arguments on CUDA (syncs).
         """
-        keys = self._keys(keys, validate)
-        phrases = self._new_phrases(phrases, keys.shape[0], validate)
-        self._insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+        if validate:
+            self._validate(keys, phrases=phrases)
+        op = self._ops.insert_op if torch.compiler.is_compiling() else self._ops.insert
+        try:
+            op(self._phrases, self._stamps, self._clock, keys, phrases)
+        except (TypeError, ValueError):
+            self._diagnose(keys, phrases=phrases)
+            raise
 
     def refine(self, keys: torch.Tensor, slots: torch.Tensor, phrases: torch.Tensor, *,
                validate: bool = False) -> None:
@@ -229,21 +268,20 @@ class CandidatePool:
         Refining an empty slot does nothing.
 
         Args:
-            keys: int64 (or int32) ``[M]``; -1 = padding.
+            keys: int64 or int32 ``[M]``; -1 = padding.
             slots: int32 or int64 ``[M]`` in ``[0, W)`` (as returned by :meth:`lookup`);
                 -1 = padding.
             phrases: int32 or int64 ``[M, L]``; a row containing -1 is padding.
             validate: also range-check the arguments on CUDA (syncs).
         """
-        keys = self._keys(keys, validate)
-        slots = _index_tensor("slots", slots, 1, self._device)
-        if slots.shape[0] != keys.shape[0]:
-            raise ValueError(f"slots: expected shape [{keys.shape[0]}] ([M]), got "
-                             f"{tuple(slots.shape)}")
         if validate:
-            _check_range("slots", slots, self.capacity)
-        phrases = self._new_phrases(phrases, keys.shape[0], validate)
-        self._refine_op(self._phrases, self._stamps, keys, slots, phrases)
+            self._validate(keys, slots=slots, phrases=phrases)
+        op = self._ops.refine_op if torch.compiler.is_compiling() else self._ops.refine
+        try:
+            op(self._phrases, self._stamps, keys, slots, phrases)
+        except (TypeError, ValueError):
+            self._diagnose(keys, slots=slots, phrases=phrases)
+            raise
 
     def insert_ngrams(self, tokens: torch.Tensor, n: int | None = None) -> None:
         """Insert every n-gram of a token sequence: key ``tokens[t]``, phrase
@@ -264,11 +302,9 @@ class CandidatePool:
         count = tokens.shape[0] - L
         if count <= 0:
             return
-        keys = tokens[:count]
-        if keys.dtype != torch.int64:
-            keys = keys.to(torch.int64)
         phrases = tokens.unfold(0, L, 1)[1:]  # [count, L]: window t+1 .. t+L for key t
-        self._insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+        op = self._ops.insert_op if torch.compiler.is_compiling() else self._ops.insert
+        op(self._phrases, self._stamps, self._clock, tokens[:count], phrases)
 
     def clear(self) -> None:
         """Empty every slot and reset the clock (no reallocation)."""

@@ -181,6 +181,35 @@ def test_random_streams_match_model(V, W, L, alphabet, max_batch):
                           seed=seed * 1000 + V * 10 + W, ties=seed == 3)
 
 
+def test_registered_ops_match_model():
+    """The torch.ops path (dispatcher; what torch.compile traces) gives the model's results
+    too, and its schema / fake kernels pass torch.library.opcheck."""
+    rng = random.Random(5)
+    V, W, L = 5, 4, 2
+    ops = torch.ops.ouroboros_kernels
+    pool, model = CandidatePool(V, W, L), ReferencePool(V, W, L)
+    state = pool.state_dict()
+    for step, op in enumerate(random_stream(rng, V, W, L, 300, alphabet=3, max_batch=10)):
+        args = as_tensors(op, "cpu", rng, L)
+        if op[0] == "insert":
+            ops.pool_insert(state["phrases"], state["stamps"], state["clock"], *args)
+            model.insert(op[1], op[2])
+        elif op[0] == "lookup":
+            result = ops.pool_lookup(state["phrases"], state["stamps"], *args)
+            assert_lookup_equal(result, model.lookup(op[1], op[2]), f"op {step}")
+        else:
+            ops.pool_refine(state["phrases"], state["stamps"], *args)
+            model.refine(op[1], op[2], op[3])
+        assert_state_equal(pool, model.state(), f"op {step}")
+    copy = {k: v.clone() for k, v in state.items()}
+    keys, rows = torch.tensor([1, 3, 1]), torch.tensor([[7, 7], [8, 8], [0, 1]], dtype=torch.int32)
+    torch.library.opcheck(ops.pool_lookup.default, (copy["phrases"], copy["stamps"], keys, 3))
+    torch.library.opcheck(ops.pool_insert.default,
+                          (copy["phrases"], copy["stamps"], copy["clock"], keys, rows))
+    torch.library.opcheck(ops.pool_refine.default,
+                          (copy["phrases"], copy["stamps"], keys, torch.tensor([0, 1, 2]), rows))
+
+
 def test_hand_checked_sequence():
     """A short sequence worked out by hand (independent of the model above)."""
     pool = CandidatePool(4, 3, 2)
@@ -426,7 +455,7 @@ def test_bad_state_passed_to_the_ops_directly():
     with pytest.raises(ValueError, match="pool clock"):
         ops.pool_insert(phrases, stamps, torch.zeros(2, dtype=torch.int64), keys, rows)
     with pytest.raises(TypeError, match="keys"):
-        ops.pool_lookup(phrases, stamps, keys.int(), 2)
+        ops.pool_lookup(phrases, stamps, keys.float(), 2)
     with pytest.raises(ValueError, match="^k"):
         ops.pool_lookup(phrases, stamps, keys, 0)
     with pytest.raises(ValueError, match="contiguous"):
@@ -695,6 +724,33 @@ def test_cuda_skips_invalid_entries_and_checks_with_validate():
                          torch.tensor([[8, 8]]).cuda(), validate=True)
     with pytest.raises(ValueError, match="^keys"):
         cuda_pool.lookup(torch.tensor([1]), 2)  # CPU keys, CUDA pool
+
+
+@gpu
+@needs_cuda_ops
+def test_cuda_registered_ops_and_opcheck():
+    """The dispatcher path reaches the CUDA kernels (same results as the CPU op)."""
+    ops = torch.ops.ouroboros_kernels
+    cpu_pool = filled_pool(V=30, W=5, L=3, seed=4)
+    state = {k: v.cuda() for k, v in cpu_pool.state_dict().items()}
+    keys = torch.tensor([1, 2, 1, -1, 29])
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 2, 3], [7, 7, 7], [0, 0, 0]],
+                        dtype=torch.int32)
+    ops.pool_insert(state["phrases"], state["stamps"], state["clock"], keys.cuda(), rows.cuda())
+    cpu_pool.insert(keys, rows)
+    for e, g in zip(cpu_pool.lookup(keys, 7),
+                    ops.pool_lookup(state["phrases"], state["stamps"], keys.cuda(), 7),
+                    strict=True):
+        assert torch.equal(g.cpu(), e)
+    slots = torch.tensor([0, 1, 2, 3, 4])
+    ops.pool_refine(state["phrases"], state["stamps"], keys.cuda(), slots.cuda(), rows.cuda())
+    cpu_pool.refine(keys, slots, rows)
+    for name, tensor in cpu_pool.state_dict().items():
+        assert torch.equal(state[name].cpu(), tensor), name
+    torch.library.opcheck(ops.pool_lookup.default,
+                          (state["phrases"], state["stamps"], keys.cuda(), 3))
+    torch.library.opcheck(ops.pool_insert.default, (state["phrases"], state["stamps"],
+                                                    state["clock"], keys.cuda(), rows.cuda()))
 
 
 @gpu
