@@ -368,7 +368,7 @@ def cpu_model() -> str:
 
 
 def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
-           num_timed: int) -> str:
+           num_timed: int, load_at_start: str) -> str:
     info = extension_info()
     card = torch.cuda.get_device_name() if use_cuda else "none"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -391,6 +391,10 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         "`.tolist()`-ed, one insert call per n-gram, eviction by list rebuild); the speed-up "
         "basis. 'tuned': a faster batch loop fed ready Python lists (conversion not counted)",
         "* compiled: through `CandidatePool` (argument checks and Python overhead included)",
+        f"* load average when the run started: {load_at_start} (other processes share the "
+        "cores; every step is timed on all pools in turn, so the ratios hold better than "
+        "the absolute times)",
+        "",
         "",
     ])
 
@@ -430,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_tokens, num_warmup, num_timed = ((50_000, 50, 300) if args.quick else
                                           (200_000, 200, 2000))
 
+    load_at_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = []
     for V in vocab_sizes:
         for L in phrase_lens:
@@ -439,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"compiled CPU {r.cpu_us:.1f} µs"
                   + (f", CUDA {r.cuda_us:.1f} µs (wall {r.cuda_wall_us:.1f})" if use_cuda
                      else ""), file=sys.stderr)
-    report = (header(use_cuda, args.quick, warm_tokens, num_warmup, num_timed)
+    report = (header(use_cuda, args.quick, warm_tokens, num_warmup, num_timed, load_at_start)
               + table(rows, use_cuda) + "\n")
     print(report)
     if args.out:

@@ -122,6 +122,18 @@ void check_phrase_row(const T* tokens, int64_t L, int64_t row) {
   }
 }
 
+// Whether every value of values[0 .. n) lies in [lo, hi] (vectorisable min/max).
+template <typename T>
+inline bool all_in_range(const T* values, int64_t n, int64_t lo, int64_t hi) {
+  int64_t vmin = lo, vmax = hi;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = static_cast<int64_t>(values[i]);
+    vmin = v < vmin ? v : vmin;
+    vmax = v > vmax ? v : vmax;
+  }
+  return vmin >= lo && vmax <= hi;
+}
+
 inline void check_key_value(int64_t key, int64_t V, int64_t row) {
   TORCH_CHECK_VALUE(key >= -1 && key < V, "keys: entry ", row, " is ", key,
                     " (keys must be in [0, ", V, "), or -1 to mark padding)");
@@ -192,10 +204,14 @@ template <typename T>
 void insert_impl(int32_t* phrases, int64_t* stamps, int64_t* clock, const int64_t* keys,
                  const T* tokens, int64_t M, const PoolDims& d) {
   const int64_t W = d.W, L = d.L;
-  // Validate everything first so that a bad batch changes nothing.
-  for (int64_t i = 0; i < M; ++i) {
-    check_key_value(keys[i], d.V, i);
-    check_phrase_row(tokens + i * L, L, i);
+  // Validate everything first so that a bad batch changes nothing: one branch-free pass
+  // over keys and tokens, and the row-by-row search for the culprit only if it fails.
+  if (!all_in_range(keys, M, -1, d.V - 1) ||
+      !all_in_range(tokens, M * L, -1, std::numeric_limits<int32_t>::max())) {
+    for (int64_t i = 0; i < M; ++i) {
+      check_key_value(keys[i], d.V, i);
+      check_phrase_row(tokens + i * L, L, i);
+    }
   }
   const int64_t base = clock[0];
   for (int64_t i = 0; i < M && i < kPrefetchDistance; ++i) {
