@@ -120,7 +120,9 @@ def _check_range(name: str, values: torch.Tensor, upper: int) -> None:
     """Values must be -1 (padding) or in [0, upper). Reads the data (syncs on CUDA)."""
     if values.numel() == 0:
         return
-    bad = (values < -1) | (values >= upper)
+    bad = values < -1
+    if upper <= torch.iinfo(values.dtype).max:  # int32 values can't exceed 2**31 - 1
+        bad |= values >= upper
     if bool(bad.any()):
         first = values[bad].flatten()[0].item()
         raise ValueError(f"{name}: holds {first}; expected values in [0, {upper}) or -1 "

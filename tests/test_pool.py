@@ -159,13 +159,15 @@ def run_against_model(V, W, L, num_ops, alphabet, max_batch, seed, ties=False):
     for step, op in enumerate(random_stream(rng, V, W, L, num_ops, alphabet, max_batch)):
         where = f"seed {seed} op {step} {op[0]}"
         args = as_tensors(op, "cpu", rng, L)
+        validate = rng.random() < 0.2  # the validate=True path must accept all valid input
         if op[0] == "insert":
-            pool.insert(*args)
+            pool.insert(*args, validate=validate)
             model.insert(op[1], op[2])
         elif op[0] == "lookup":
-            assert_lookup_equal(pool.lookup(*args), model.lookup(op[1], op[2]), where)
+            assert_lookup_equal(pool.lookup(*args, validate=validate),
+                                model.lookup(op[1], op[2]), where)
         else:
-            pool.refine(*args)
+            pool.refine(*args, validate=validate)
             model.refine(op[1], op[2], op[3])
         assert_state_equal(pool, model.state(), where)
 
@@ -338,6 +340,15 @@ def test_extension_info():
         assert "cpu" in info["ops"][name]
         assert ("cuda" in info["ops"][name]) == info["built_with_cuda"]
     assert (info["cuda_version"] is None) == (not info["built_with_cuda"])
+
+
+def test_missing_extension_says_how_to_build(monkeypatch):
+    from ouroboros_kernels import _ext
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_error", ImportError("no module named _C"))
+    with pytest.raises(ImportError, match="build_ext --inplace"):
+        extension_info()
 
 
 # ----------------------------------------------------------------------------- bad arguments
