@@ -58,12 +58,18 @@ def test_engine_on_gpu_matches_generate(dtype, method):
     target = tiny_llama(0, vocab=64, hidden=256, heads=4, kv_heads=2, dtype=dtype).cuda()
     draft = perturbed(target, 0.05, seed=7) if method != "lookahead" else None
     prompt = random_prompt(17, 64, 1).cuda()
-    expected = greedy_reference(target, prompt, 40)
     decoder = OuroborosDecoder(target, draft, method)
     assert decoder.backend == "triton"
     result = decoder.generate(prompt, 40)
     if dtype == torch.float32:
+        expected = greedy_reference(target, prompt, 40)
         assert result.sequences.tolist() == expected.cpu().tolist()
-    else:  # bf16 rounding differs between a tree pass and one-token decoding: ties may flip
-        same = (result.sequences.cpu() == expected.cpu()).float().mean()
-        assert same > 0.5
+        return
+    # bf16 rounds a tree pass differently from one-token decoding, so an argmax tie may
+    # flip: check instead that every emitted token is an argmax up to bf16 rounding of the
+    # logits of a plain forward over the final sequence.
+    with torch.no_grad():
+        logits = target(result.sequences.cuda()).logits[0, prompt.shape[1] - 1:-1].float()
+    chosen = logits.gather(1, result.new_tokens.cuda()[:, None])[:, 0]
+    gap = logits.max(dim=1).values - chosen
+    assert (gap <= 0.02 * logits.abs().max(dim=1).values + 1e-3).all(), gap
