@@ -82,6 +82,7 @@ class GenerationStats:
     time_verify: float = 0.0
     time_pool: float = 0.0
     time_total: float = 0.0
+    _timers: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def mean_accepted(self) -> float:
@@ -121,17 +122,23 @@ class GenerationResult:
 
 
 class _Timer:
-    """Adds the wall time of a ``with`` block to a stats field."""
+    """Adds the wall time of a ``with`` block to a stats field, exclusive of nested timed
+    blocks (a pool lookup inside the draft phase counts as pool time only)."""
 
     def __init__(self, stats: GenerationStats, name: str) -> None:
         self.stats, self.name = stats, name
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
+        self.nested = 0.0
+        self.stats._timers.append(self)
 
     def __exit__(self, *exc) -> None:
-        setattr(self.stats, self.name,
-                getattr(self.stats, self.name) + time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start
+        self.stats._timers.pop()
+        if self.stats._timers:
+            self.stats._timers[-1].nested += elapsed
+        setattr(self.stats, self.name, getattr(self.stats, self.name) + elapsed - self.nested)
 
 
 # ============================================================================ trees
