@@ -220,8 +220,10 @@ class OuroborosDecoder:
             do_sample, temperature, top_k, top_p: greedy by default (identical to
                 ``target.generate(do_sample=False)``); with ``do_sample=True`` (or a
                 temperature > 0) tokens are drawn from the target's processed distribution.
-            seed / generator: randomness of sampling (a ``torch.Generator`` on the models'
-                device, or a seed for a new one).
+            seed / generator: randomness of sampling: a ``torch.Generator`` (any device),
+                or a seed for a new one (neither: a nondeterministic seed). One uniform per
+                output position is drawn up front, so a seed gives the same text with every
+                method (see `ouroboros.sampling`).
             eos_token_id: id or ids ending generation (emitted, then stop); None: the
                 target's generation config. ``[]`` disables it.
             stop: ``stop(new_tokens: list[int]) -> bool`` called after every emitted token;
@@ -259,7 +261,7 @@ class OuroborosDecoder:
                     generator.seed()
             uniforms = torch.rand(max_new_tokens + config.largest_target_tree + 1,
                                   generator=generator, dtype=torch.float64,
-                                  device=self.device)
+                                  device=generator.device).to(self.device)
         if stop is not None and not callable(stop):
             raise TypeError(f"stop must be callable, got {type(stop).__name__}")
         rules = StopRules(max_new_tokens, _eos_ids(self.target, eos_token_id), stop)

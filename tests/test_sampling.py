@@ -158,6 +158,10 @@ def test_a_seed_gives_the_same_text_with_every_method(sampling_pair):
         again = decoders[0].generate(prompt, 14, do_sample=True, top_p=0.95, seed=seed,
                                      eos_token_id=[])  # warm pool now: same text
         assert len(outputs) == 1 and tuple(again.new_tokens.tolist()) in outputs
+    with_generator = decoders[1].generate(prompt, 14, do_sample=True, top_p=0.95,
+                                          generator=torch.Generator().manual_seed(123),
+                                          eos_token_id=[])
+    assert tuple(with_generator.new_tokens.tolist()) in outputs
     samples = {tuple(decoders[0].generate(prompt, 14, do_sample=True, seed=s)
                      .new_tokens.tolist()) for s in range(8)}
     assert len(samples) > 1
