@@ -290,8 +290,10 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     folder = _hf_directory(path, cache_dir, progress)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **from_pretrained_kwargs)
-    model = _attach_subset_head(model, folder, dtype)
+    if _is_factorised_draft(folder):
+        model = _load_factorised_draft(folder, dtype, **from_pretrained_kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **from_pretrained_kwargs)
     model.to(device).eval()
     _log(f"loaded {folder.name} in {time.perf_counter() - start:.1f} s ({dtype}, {device})",
          progress)
@@ -377,7 +379,10 @@ def load_draft(
     """The distilled draft for SmolLM2 shipped in ``ouroboros/assets/draft-smollm2``.
 
     A ``LlamaForCausalLM`` with SmolLM2's vocabulary (49152) and special tokens; its
-    weights are stored in half precision and cast to ``dtype`` (float32 on CPU).
+    weights are stored in half precision and cast to ``dtype`` (float32 on CPU). Its
+    ``lm_head`` is a :class:`SubsetLMHead`: it scores the few thousand tokens the target
+    chooses most often and gives every other token the lowest logit (see
+    ``ouroboros/distill.py``); ``draft(ids).logits`` still spans the full vocabulary.
     """
     folder = Path(path) if path is not None else DRAFT_SMOLLM2_DIR
     if not (folder / "config.json").is_file():
@@ -436,26 +441,61 @@ class SubsetLMHead(nn.Module):
         self.register_buffer("token_ids", token_ids.to(torch.int64), persistent=False)
         self.vocab_size = vocab_size
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, subset={self.weight.shape[0]}, " \
+               f"vocab_size={self.vocab_size}"
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         scores = nn.functional.linear(hidden, self.weight)
         full = scores.new_full((*scores.shape[:-1], self.vocab_size), torch.finfo(scores.dtype).min)
         return full.index_copy_(-1, self.token_ids, scores)
 
 
-_SUBSET_FILE = "output_token_ids.json"
+DRAFT_INFO_FILE = "draft_info.json"
+DRAFT_FORMAT = "ouroboros-factorised-subset-v1"
 
 
-def _attach_subset_head(model, folder: Path, dtype: torch.dtype):
-    """If the model directory carries ``output_token_ids.json`` (a draft distilled with a
-    reduced output vocabulary), replace the tied head by a :class:`SubsetLMHead`."""
-    subset_file = folder / _SUBSET_FILE
-    if not subset_file.is_file():
-        return model
-    token_ids = torch.tensor(json.loads(subset_file.read_text())["token_ids"], dtype=torch.int64)
-    embedding = model.get_input_embeddings().weight
-    head = SubsetLMHead(embedding.detach()[token_ids].clone().to(dtype), token_ids,
-                        model.config.vocab_size)
-    model.lm_head = head
-    # The head is no longer tied to the embedding; keep transformers from re-tying it.
-    model.config.tie_word_embeddings = False
-    return model
+def _is_factorised_draft(folder: Path) -> bool:
+    info = folder / DRAFT_INFO_FILE
+    if not info.is_file():
+        return False
+    try:
+        return json.loads(info.read_text()).get("format") == DRAFT_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _load_factorised_draft(folder: Path, dtype: torch.dtype, **from_pretrained_kwargs):
+    """Build the ``LlamaForCausalLM`` of a draft written by ``ouroboros.distill export``.
+
+    The file stores the trunk under Llama's names and, under ``ouroboros.*``, a factorised
+    embedding (``embed_basis [V, r]``, ``embed_in [r, d]``, ``embed_out [r, d]``) and the
+    output subset ``output_token_ids [S]``. The input embedding becomes
+    ``embed_basis @ embed_in`` and the head a :class:`SubsetLMHead` over
+    ``embed_basis[ids] @ embed_out``.
+    """
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(folder)
+    for key, value in from_pretrained_kwargs.items():
+        if key != "attn_implementation":
+            raise TypeError(f"unexpected argument {key!r} for the distilled draft")
+        config._attn_implementation = value
+    tensors = load_file(str(folder / "model.safetensors"))
+    basis = tensors.pop("ouroboros.embed_basis").float()
+    embed_in = tensors.pop("ouroboros.embed_in").float()
+    embed_out = tensors.pop("ouroboros.embed_out").float()
+    token_ids = tensors.pop("ouroboros.output_token_ids").long()
+    if basis.shape[0] != config.vocab_size:
+        raise ValueError(f"draft at {folder}: embedding rows {basis.shape[0]} != vocab_size "
+                         f"{config.vocab_size}")
+    model = LlamaForCausalLM(config)
+    model.lm_head = SubsetLMHead(basis[token_ids] @ embed_out, token_ids, config.vocab_size)
+    state = {k: v.float() for k, v in tensors.items()}
+    state["model.embed_tokens.weight"] = basis @ embed_in
+    state["lm_head.weight"] = model.lm_head.weight.detach()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"draft at {folder}: missing weights {missing}, unexpected {unexpected}")
+    return model.to(dtype)
