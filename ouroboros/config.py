@@ -43,6 +43,9 @@ class OuroborosConfig:
             Default 16.
         num_suffixes: K, the most recent pool phrases keyed by the last draft token,
             verified as branches after the draft chain (trie-merged). Default 4.
+        root_phrases: pool phrases keyed by the last committed token, verified beside the
+            draft chain (what lookahead decoding verifies): they still pay off when the
+            draft's first token is wrong. Default 0 (the paper's tree).
         seed_pool_from_prompt: insert the prompt's n-grams before decoding. Default on.
         pool_from_output: insert the n-grams of every committed chunk. Default on.
         inspiration: insert n-grams of the target's predictions along the rejected tail
@@ -74,6 +77,7 @@ class OuroborosConfig:
     ngram: int = 4
     pool_capacity: int = 16
     num_suffixes: int = 4
+    root_phrases: int = 0
     seed_pool_from_prompt: bool = True
     pool_from_output: bool = True
     inspiration: bool = True
@@ -91,7 +95,8 @@ class OuroborosConfig:
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be a bool, got {getattr(self, field)!r}")
         minimum = {"gamma": 1 if self.use_draft else 0, "draft_phrases": 0, "window_size": 1,
-                   "ngram": 2, "pool_capacity": 1, "num_suffixes": 0, "cache_margin": 0,
+                   "ngram": 2, "pool_capacity": 1, "num_suffixes": 0, "root_phrases": 0,
+                   "cache_margin": 0,
                    "window_seed": 0}
         for field, low in minimum.items():
             value = getattr(self, field)
@@ -116,7 +121,8 @@ class OuroborosConfig:
     def uses_pool(self) -> bool:
         """Whether any part of the configuration reads or writes the candidate pool."""
         drafting_from_pool = self.use_draft and self.draft_phrases > 0
-        return drafting_from_pool or self.num_suffixes > 0 or self.window
+        return drafting_from_pool or self.num_suffixes > 0 or self.root_phrases > 0 \
+            or self.window
 
     @property
     def largest_draft_tree(self) -> int:
@@ -132,7 +138,8 @@ class OuroborosConfig:
         """Most tokens one target verification pass can feed."""
         window = self.window_size * self.phrase_len if (self.window and not self.use_draft) \
             else 0
-        return 1 + self.gamma + self.num_suffixes * self.phrase_len + window
+        phrases = self.num_suffixes + (self.root_phrases if self.use_draft else 0)
+        return 1 + self.gamma + phrases * self.phrase_len + window
 
     def replace(self, **changes) -> OuroborosConfig:
         """A copy with some fields changed (validated again)."""

@@ -7,8 +7,9 @@ One step of Ouroboros (DESIGN.md §2), as `decode_step` runs it:
    last token and (optionally) a Jacobi window; `accept` keeps the longest phrase the draft
    agrees with plus the draft's own next token. The draft text is the draft's greedy text.
 2. `build_verification_tree`: pending token -> draft chain -> K pool suffixes keyed by the
-   last draft token (trie-merged, so identical paths are verified once) [-> the target's
-   Jacobi window in lookahead decoding].
+   last draft token (trie-merged, so identical paths are verified once) [+ pool phrases
+   keyed by the last committed token beside the draft, + the target's Jacobi window in
+   lookahead decoding].
 3. `forward_tree` on the target: one pass over the whole tree; `choose_tokens` gives the
    target's choice (argmax or sample) after every node.
 4. `accept`: the deepest node whose path is all correct, plus the target's bonus token.
@@ -412,30 +413,49 @@ def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
 
 
 @dataclass
+class Suffix:
+    """A pool phrase in the target's tree: its key and slot (for refinement), its tokens,
+    its tree nodes, and whether it hangs from the committed end (``at_root``: verified in
+    its true context whatever the draft does) or from the draft's end."""
+
+    key: int
+    slot: int
+    phrase: list[int]
+    nodes: list[int]
+    at_root: bool
+
+
+@dataclass
 class VerificationTree:
     """The target's tree of one step and what each node is: ``draft_nodes`` the draft chain
-    (nodes ``0 .. γ-1``), ``suffixes`` the pool phrases ``(key, slot, phrase, nodes)``
-    hanging from its end, ``window_nodes`` the target's Jacobi window (lookahead)."""
+    (nodes ``0 .. γ-1``), ``suffixes`` the pool phrases in it, ``window_nodes`` the target's
+    Jacobi window (lookahead)."""
 
     tree: TokenTree
     draft_nodes: list[int]
-    suffixes: list[tuple[int, int, list[int], list[int]]]
+    suffixes: list[Suffix]
     window_nodes: list[list[int]] | None
 
 
 def build_verification_tree(session: Session, draft_tokens: list[int],
                             budget: int) -> VerificationTree:
     """Pending end -> draft chain -> K pool suffixes keyed by the last draft token (the last
-    committed token without a draft) [-> the target's Jacobi window]. No suffixes when the
-    draft already reaches ``budget`` (nothing after it could be emitted)."""
+    committed token without a draft); beside the draft, ``root_phrases`` pool phrases keyed
+    by the last committed token [and the target's Jacobi window]. No suffixes when the draft
+    already reaches ``budget`` (nothing after it could be emitted)."""
+    config = session.config
     tree = TokenTree()
     draft_nodes = tree.add_path(-1, draft_tokens)
+    suffixes = []
+    if draft_tokens and config.root_phrases:
+        last = session.tokens[-1]
+        for slot, phrase in pool_phrases(session, last, config.root_phrases):
+            suffixes.append(Suffix(last, slot, phrase, tree.add_path(-1, phrase), True))
     anchor = draft_nodes[-1] if draft_nodes else -1
     key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
-    suffixes = []
-    num_suffixes = session.config.num_suffixes if len(draft_tokens) < budget else 0
+    num_suffixes = config.num_suffixes if len(draft_tokens) < budget else 0
     for slot, phrase in pool_phrases(session, key, num_suffixes):
-        suffixes.append((key, slot, phrase, tree.add_path(anchor, phrase)))
+        suffixes.append(Suffix(key, slot, phrase, tree.add_path(anchor, phrase), anchor < 0))
     window_nodes = session.target_window.attach(tree, -1) if session.target_window else None
     return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
 
@@ -469,8 +489,9 @@ def update_pool(session: Session, verification: VerificationTree, outcome: Accep
                 accepted_draft: int, committed_from: int) -> None:
     """Feed what verification revealed into the pool (DESIGN.md §2).
 
-    * refinement: when the draft chain was fully accepted, each suffix is overwritten in
-      place by the target's choices along it (first, before any insert moves slots);
+    * refinement: each suffix verified in its true context (hanging from the committed end,
+      or from a fully accepted draft) is overwritten in place by the target's choices along
+      it (first, before any insert moves slots);
     * inspiration: with a rejected tail, the n-grams of ``[last accepted token, bonus,
       target's choices after each rejected draft node]``;
     * the target's window n-grams (lookahead);
@@ -485,13 +506,15 @@ def update_pool(session: Session, verification: VerificationTree, outcome: Accep
     def choice_after(node: int) -> int:
         return choices[node + 1]
 
-    if config.refinement and verification.suffixes and accepted_draft == num_draft:
+    if config.refinement and verification.suffixes:
         keys, slots, phrases = [], [], []
-        for key, slot, phrase, nodes in verification.suffixes:
-            corrected = [choices[parents[n] + 1] for n in nodes]
-            if corrected != phrase:
-                keys.append(key)
-                slots.append(slot)
+        for suffix in verification.suffixes:
+            if not (suffix.at_root or accepted_draft == num_draft):
+                continue  # its context (the draft) was wrong: nothing verified
+            corrected = [choices[parents[n] + 1] for n in suffix.nodes]
+            if corrected != suffix.phrase:
+                keys.append(suffix.key)
+                slots.append(suffix.slot)
                 phrases.append(corrected)
         if keys:
             with _Timer(stats, "time_pool"):
@@ -568,10 +591,12 @@ def decode_step(session: Session) -> list[int]:
     chunk = outcome.path_tokens + [outcome.bonus]
     session.stats.draft_tokens += len(draft_tokens)
     session.stats.accepted_draft_tokens += accepted_draft
-    suffix_nodes = {n for *_, nodes in verification.suffixes for n in nodes}
-    session.stats.suffix_tokens += sum(1 for n in outcome.path if n in suffix_nodes)
-    session.stats.window_tokens += len(outcome.path) - accepted_draft - sum(
-        1 for n in outcome.path if n in suffix_nodes)
+    num_draft = len(verification.draft_nodes)
+    suffix_nodes = {n for suffix in verification.suffixes for n in suffix.nodes
+                    if n >= num_draft}  # a phrase merged into the draft chain counts as draft
+    from_suffixes = sum(1 for n in outcome.path if n in suffix_nodes)
+    session.stats.suffix_tokens += from_suffixes
+    session.stats.window_tokens += len(outcome.path) - accepted_draft - from_suffixes
     compact_caches(session, outcome, committed_from, accepted_draft, draft_cached)
     session.tokens.extend(chunk)
     update_pool(session, verification, outcome, accepted_draft, committed_from)

@@ -66,6 +66,15 @@ def test_ouroboros_grid(models, pair, prompt_len, grid):
 
 
 @pytest.mark.parametrize("pair", ["same", "unrelated", "perturbed"])
+@pytest.mark.parametrize("root_phrases,suffixes", [(1, 0), (3, 2), (8, 8)])
+def test_root_phrases(models, pair, root_phrases, suffixes):
+    """Pool phrases beside the draft chain (merged into it where they agree)."""
+    config = OuroborosConfig(gamma=4, ngram=3, root_phrases=root_phrases,
+                             num_suffixes=suffixes)
+    check_exact(models["target"], models[pair], config, random_prompt(9, VOCAB, 5), 31)
+
+
+@pytest.mark.parametrize("pair", ["same", "unrelated", "perturbed"])
 @pytest.mark.parametrize("gamma", [1, 4, 12])
 def test_speculative(models, pair, gamma):
     config = OuroborosConfig.preset("speculative", gamma=gamma)

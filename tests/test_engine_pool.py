@@ -39,6 +39,20 @@ def test_tiny_vocab_ouroboros_paths_run(vocab):
     assert stats.suffix_tokens > 0        # tokens accepted from candidate suffixes
 
 
+def test_root_phrases_pay_off_with_an_unrelated_draft():
+    """With a draft that is always wrong, suffixes after the draft are never reached, but
+    phrases beside it still are (and are refined in place)."""
+    target = tiny_llama(0, vocab=16)
+    unrelated = tiny_llama(9, vocab=16)
+    prompt = random_prompt(8, 16, 1)
+    without = run_exact(OuroborosDecoder(target, unrelated, OuroborosConfig(gamma=2)), target,
+                        prompt, 60)
+    config = OuroborosConfig(gamma=2, root_phrases=3)
+    stats = run_exact(OuroborosDecoder(target, unrelated, config), target, prompt, 60)
+    assert stats.suffix_tokens > without.suffix_tokens and stats.refinements > 0
+    assert stats.target_passes < without.target_passes
+
+
 def test_tiny_vocab_lookahead_paths_run():
     target = tiny_llama(0, vocab=16)
     decoder = OuroborosDecoder(target, None, OuroborosConfig.preset("lookahead"))
