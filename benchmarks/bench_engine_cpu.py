@@ -28,7 +28,21 @@ from transformers import LlamaForCausalLM
 from ouroboros import OuroborosConfig, OuroborosDecoder
 from ouroboros.models import load_draft, load_model, load_target
 
-METHODS = ("greedy", "speculative", "lookahead", "ouroboros")
+PRESET_NAMES = ("greedy", "speculative", "lookahead", "ouroboros")
+
+
+def parse_variant(text: str) -> tuple[str, OuroborosConfig]:
+    """``label=preset[,field=value...]`` -> (label, config)."""
+    label, _, spec = text.partition("=")
+    preset, *items = spec.split(",")
+    overrides = {}
+    defaults = OuroborosConfig()
+    for item in items:
+        field, _, value = item.partition("=")
+        current = getattr(defaults, field)
+        overrides[field] = value == "true" if isinstance(current, bool) else \
+            (None if value == "none" else type(current)(value)) if current is not None else value
+    return label, OuroborosConfig.preset(preset, **overrides)
 
 
 def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
@@ -61,8 +75,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--draft", default="layers:8")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                        help="override a preset field, e.g. ouroboros.gamma=4")
+    parser.add_argument("--variant", action="append", default=[],
+                        metavar="LABEL=PRESET[,FIELD=VALUE...]",
+                        help="an extra configuration, e.g. 'ouroboros-small=ouroboros,gamma=2,"
+                             "num_suffixes=1' (repeatable; the four presets always run)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                              "engine_cpu_smollm2.md"))
     parser.add_argument("--force", action="store_true", help="run even when CUDA is present")
@@ -80,13 +96,9 @@ def main() -> None:
     load_start = os.getloadavg()
     target, tokenizer = load_target(device="cpu", dtype="float32", progress=False)
     draft, draft_name = make_draft(args.draft, target)
-    overrides: dict[str, dict] = {m: {} for m in METHODS}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        method, field = key.split(".", 1)
-        overrides[method][field] = type(getattr(OuroborosConfig(), field))(value) \
-            if not isinstance(getattr(OuroborosConfig(), field), bool) else value == "true"
-    configs = {m: OuroborosConfig.preset(m, **overrides[m]) for m in METHODS}
+    configs = {name: OuroborosConfig.preset(name) for name in PRESET_NAMES}
+    configs.update(parse_variant(text) for text in args.variant)
+    METHODS = tuple(configs)
     # One decoder per method for the whole run: pools stay warm across prompts.
     decoders = {m: OuroborosDecoder(target, draft if configs[m].use_draft else None,
                                     configs[m]) for m in METHODS}
@@ -147,13 +159,15 @@ def main() -> None:
             f"{total['draft_passes']} | {total['draft']:.1f} / {total['verify']:.1f} / "
             f"{total['pool']:.1f} / {total['other']:.1f} | "
             f"{'yes' if exact[method] else 'NO'} |")
-    lines += ["", "Configurations (OuroborosConfig presets):", ""]
+    lines += ["", "Configurations (`OuroborosConfig.preset(...)`, with overrides for extra "
+                  "rows):", ""]
     for method in METHODS:
         c = configs[method]
-        lines.append(f"* `{method}`: use_draft={c.use_draft}, gamma={c.gamma}, "
-                     f"draft_phrases={c.draft_phrases}, ngram={c.ngram}, "
+        lines.append(f"* `{method}` (preset `{c.name}`): use_draft={c.use_draft}, "
+                     f"gamma={c.gamma}, draft_phrases={c.draft_phrases}, ngram={c.ngram}, "
                      f"pool_capacity={c.pool_capacity}, num_suffixes={c.num_suffixes}, "
-                     f"window={c.window} (size {c.window_size})")
+                     f"root_phrases={c.root_phrases}, window={c.window} "
+                     f"(size {c.window_size})")
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
