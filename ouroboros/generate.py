@@ -577,6 +577,21 @@ class StopRules:
         return emitted, len(generated) + len(emitted) >= self.max_new_tokens
 
 
+def count_accepted(stats: GenerationStats, verification: VerificationTree,
+                   outcome: Acceptance) -> int:
+    """Tally where the accepted tokens came from; returns how many were draft tokens."""
+    num_draft = len(verification.draft_nodes)
+    accepted_draft = sum(1 for n in outcome.path if n < num_draft)  # a prefix of the path
+    suffix_nodes = {n for suffix in verification.suffixes for n in suffix.nodes
+                    if n >= num_draft}  # a phrase merged into the draft chain counts as draft
+    from_suffixes = sum(1 for n in outcome.path if n in suffix_nodes)
+    stats.draft_tokens += num_draft
+    stats.accepted_draft_tokens += accepted_draft
+    stats.suffix_tokens += from_suffixes
+    stats.window_tokens += len(outcome.path) - accepted_draft - from_suffixes
+    return accepted_draft
+
+
 def decode_step(session: Session) -> list[int]:
     """One Ouroboros step; returns the tokens the target accepted (path + bonus)."""
     committed_from = len(session.tokens)
@@ -587,17 +602,9 @@ def decode_step(session: Session) -> list[int]:
         if session.draft is not None and draft_budget > 0 else ([], 0)
     verification = build_verification_tree(session, draft_tokens, budget)
     outcome = verify(session, verification)
-    accepted_draft = sum(1 for n in outcome.path if n < len(verification.draft_nodes))
-    chunk = outcome.path_tokens + [outcome.bonus]
-    session.stats.draft_tokens += len(draft_tokens)
-    session.stats.accepted_draft_tokens += accepted_draft
-    num_draft = len(verification.draft_nodes)
-    suffix_nodes = {n for suffix in verification.suffixes for n in suffix.nodes
-                    if n >= num_draft}  # a phrase merged into the draft chain counts as draft
-    from_suffixes = sum(1 for n in outcome.path if n in suffix_nodes)
-    session.stats.suffix_tokens += from_suffixes
-    session.stats.window_tokens += len(outcome.path) - accepted_draft - from_suffixes
+    accepted_draft = count_accepted(session.stats, verification, outcome)
     compact_caches(session, outcome, committed_from, accepted_draft, draft_cached)
+    chunk = outcome.path_tokens + [outcome.bonus]
     session.tokens.extend(chunk)
     update_pool(session, verification, outcome, accepted_draft, committed_from)
     return chunk
