@@ -466,7 +466,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 prompts per set, 64 new tokens")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's default)")
+                        help="torch CPU threads (default: the faster of 1 and all cores, "
+                             "measured at the start)")
     parser.add_argument("--no-tune", action="store_true",
                         help="use the presets instead of the device-tuned configurations")
     parser.add_argument("--no-prepack", action="store_true",
@@ -536,10 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ouroboros.models import resolve_device
 
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     target, draft, tokenizer, stock = load_models(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu":
+        from ouroboros.tuning import choose_num_threads
+
+        print(f"torch threads: {choose_num_threads(target)} (measured; --threads to fix)")
     methods = build_methods(args, target, draft, tokenizer, stock, device)
     for method in methods:
         if method.config is not None:

@@ -227,6 +227,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prepack", action="store_true",
                         help="CPU: keep transformers' stock linear kernels (see "
                              "ouroboros.tuning.prepack_linear_weights)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: measured, see "
+                             "ouroboros.tuning.choose_num_threads)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an OuroborosConfig field, e.g. --set gamma=8 "
                              "(repeatable)")
@@ -275,6 +278,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise SystemExit(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     overrides = _parse_overrides(args.set)
+    import torch
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -283,16 +288,21 @@ def _run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     start = time.perf_counter()
     target, draft, tokenizer = _load_pair(args)
-    from ouroboros.tuning import prepack_linear_weights, tuned_config
+    from ouroboros.tuning import choose_num_threads, prepack_linear_weights, tuned_config
 
     if not args.no_prepack:
         prepack_linear_weights(target)
         prepack_linear_weights(draft)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif not args.no_tune:
+        choose_num_threads(target)
     config = tuned_config(target, draft, tokenizer, method=args.method,
                           tune=False if args.no_tune else None, progress=True, **overrides)
     device = next(target.parameters()).device
-    print(f"[ouroboros] ready in {time.perf_counter() - start:.1f} s on {device}; {args.method} "
-          f"configuration: {_describe(config)}", file=sys.stderr, flush=True)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"[ouroboros] ready in {time.perf_counter() - start:.1f} s on {device}{threads}; "
+          f"{args.method} configuration: {_describe(config)}", file=sys.stderr, flush=True)
     rows = run_demo(target, draft, tokenizer, config, DEMO_PROMPTS[:args.prompts],
                     args.max_new_tokens, stream=not args.no_stream)
     print()

@@ -28,7 +28,9 @@ tuned value; ``OUROBOROS_TUNING=off`` (or ``tune=False``) returns the plain pres
 ``refresh=True`` measures again. The CLI's ``--set FIELD=VALUE`` and ``--no-tune`` do the
 same.
 
-On a CPU, `prepack_linear_weights` additionally stores every ``nn.Linear`` weight of a
+On a CPU, `choose_num_threads` picks torch's thread count by measurement (on cores shared
+with other busy processes one thread can be several times faster than all of them), and
+`prepack_linear_weights` additionally stores every ``nn.Linear`` weight of a
 model in oneDNN's blocked layout once, so that a forward over a few tokens does not pay
 MKL's small-batch GEMM penalty (measured on 2 cores: SmolLM2's output layer over 8 tokens
 30 ms -> 10 ms; a whole 8-token pass 180 ms -> 85 ms). The values change only by float
@@ -62,6 +64,8 @@ __all__ = [
     "ThroughputModel",
     "TreeShape",
     "choose_config",
+    "choose_from",
+    "choose_num_threads",
     "device_description",
     "measure_agreement",
     "measure_cost_curve",
@@ -207,6 +211,36 @@ def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
     for i in range(len(seconds) - 2, -1, -1):
         seconds[i] = min(seconds[i], seconds[i + 1])
     return CostCurve(sizes, tuple(seconds))
+
+
+def choose_num_threads(model: nn.Module, counts: Sequence[int] | None = None, *,
+                       rounds: int = 2) -> int:
+    """CPU: set torch's intra-op thread count to the fastest of ``counts`` for ``model``
+    and return it (on other devices: nothing to choose, returns the current count).
+
+    On a machine whose cores are shared with other busy processes, more threads can be
+    several times slower (each parallel region waits for its slowest, preempted thread);
+    on a quiet machine all cores win. So it is measured: ``rounds`` alternating rounds of a
+    1-token and a 16-token pass (`measure_cost_curve`, 64-token prefix) per count; the
+    count with the smallest summed time wins. ``counts`` defaults to ``(1, os.cpu_count())``
+    (or the current count, when larger). Takes about a second for SmolLM2.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return torch.get_num_threads()
+    if counts is None:
+        counts = sorted({1, max(os.cpu_count() or 1, torch.get_num_threads())})
+    counts = [int(c) for c in counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"counts must be ints >= 1, got {counts}")
+    best = dict.fromkeys(counts, math.inf)
+    for _ in range(rounds):
+        for count in counts:
+            torch.set_num_threads(count)
+            curve = measure_cost_curve(model, (1, 16), prefix_len=64, repeats=1)
+            best[count] = min(best[count], sum(curve.seconds))
+    chosen = min(counts, key=lambda c: (best[c], c))
+    torch.set_num_threads(chosen)
+    return chosen
 
 
 @torch.inference_mode()

@@ -54,7 +54,7 @@ def bench_args(pair_dirs, out, *extra):
     target, draft = pair_dirs
     return ["--target", str(target), "--draft", str(draft), "--device", "cpu", "--prompts", "1",
             "--heldout", "1", "--chat", "1", "--max-new-tokens", "12", "--out", str(out),
-            *extra]
+            "--threads", "1", *extra]
 
 
 def test_every_method_on_every_set(bench, pair_dirs, tmp_path, capsys):

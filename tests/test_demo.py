@@ -44,7 +44,7 @@ def private_cache(tmp_path, monkeypatch):
 def demo_args(pair_dirs, *extra):
     target, draft, _ = pair_dirs
     return ["demo", "--target", str(target), "--draft", str(draft), "--device", "cpu",
-            "--max-new-tokens", "12", *extra]
+            "--max-new-tokens", "12", "--threads", "1", *extra]
 
 
 @pytest.mark.parametrize("method", ["ouroboros", "speculative", "lookahead"])

@@ -25,6 +25,7 @@ from ouroboros.tuning import (
     TreeShape,
     choose_config,
     choose_from,
+    choose_num_threads,
     measure,
     measure_agreement,
     measure_cost_curve,
@@ -206,3 +207,16 @@ def test_prepacked_linears_keep_the_model_and_its_greedy_text():
         prompt, 20)
     assert torch.equal(result.sequences, reference)
     assert prepack_linear_weights(tiny_llama(0, dtype=torch.float64)) == 0
+
+
+def test_choose_num_threads_sets_the_faster_count():
+    model = tiny_llama(0)
+    previous = torch.get_num_threads()
+    try:
+        chosen = choose_num_threads(model, (1, 2), rounds=1)
+        assert chosen in (1, 2) and torch.get_num_threads() == chosen
+        assert choose_num_threads(model, (1,)) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="counts"):
+            choose_num_threads(model, (0,))
+    finally:
+        torch.set_num_threads(previous)
