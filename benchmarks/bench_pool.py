@@ -17,8 +17,9 @@ earlier prompts), then runs untimed steps.
 Compared per step (each pool replays the same steps; every timed step is measured on all
 pools in turn, and the median is reported):
 
-* the compiled CPU op, through ``CandidatePool`` (argument checks, Python overhead and the
-  allocation of lookup results included);
+* the compiled CPU op, through ``CandidatePool`` (argument checks and Python overhead
+  included), lookups writing into result buffers reused every step (``out=``), and the same
+  with lookups allocating their results;
 * a pure-Python dict-of-lists pool with the same semantics, driven as the published
   Ouroboros and lookahead-decoding code drive theirs (``.tolist()`` of the step's tensors,
   one insert call per n-gram, eviction by rebuilding the list): the speed-up basis;
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ouroboros_kernels import CandidatePool, extension_info
+from ouroboros_kernels import CandidatePool, PoolLookup, extension_info
 
 CAPACITY = 20
 LOOKUPS_PER_STEP = 4
@@ -206,11 +207,21 @@ def to_tensors(step: Step, device: str) -> TensorStep:
                       t(step.refine_phrases), t(step.insert_keys), t(step.insert_phrases))
 
 
-def run_compiled_step(pool: CandidatePool, s: TensorStep) -> None:
+def lookup_buffers(pool: CandidatePool) -> dict[int, PoolLookup]:
+    """Result buffers for one key and each k of the stream, made once and reused every
+    step (``lookup(..., out=...)``), as an engine keeps them."""
+    return {k: pool.empty_lookup(1, k) for k in range(3, 17)}
+
+
+def run_compiled_step(pool: CandidatePool, s: TensorStep,
+                      buffers: dict[int, PoolLookup] | None = None) -> None:
+    """One step through ``CandidatePool``; lookups write into ``buffers`` when given,
+    else allocate their results."""
     result = None
     for keys, k in zip(s.lookup_keys, s.lookup_k, strict=True):
-        result = pool.lookup(keys, k)
-    slots = result.slots[0].index_select(0, s.refine_ranks)  # -1 (padding) past the count
+        result = pool.lookup(keys, k, out=None if buffers is None else buffers[k])
+    # The refined rows' slots: one key was looked up, so the ranks index its row directly.
+    slots = torch.take(result.slots, s.refine_ranks)  # -1 (padding) past the count
     pool.refine(s.refine_keys, slots, s.refine_phrases)
     pool.insert(s.insert_keys, s.insert_phrases)
 
@@ -291,6 +302,7 @@ class Row:
     python_lists_us: float
     python_us: float
     cpu_us: float
+    cpu_alloc_us: float
     cuda_us: float | None
     cuda_wall_us: float | None
     pool_mib: float
@@ -308,15 +320,18 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
     py_lists, py_published = DictListPool(CAPACITY), DictListPool(CAPACITY)
     python_warm_start(py_lists, text, L)
     python_warm_start(py_published, text, L)
-    pool = CandidatePool(V, CAPACITY, L)
+    pool, pool_alloc = CandidatePool(V, CAPACITY, L), CandidatePool(V, CAPACITY, L)
     pool.insert_ngrams(torch.from_numpy(text))
+    pool_alloc.insert_ngrams(torch.from_numpy(text))
+    buffers = lookup_buffers(pool)
     for s, t in zip(steps[:num_warmup], tensor_steps[:num_warmup], strict=True):
         run_python_step(py_lists, s)
         run_published_style_step(py_published, t)
-        run_compiled_step(pool, t)
+        run_compiled_step(pool, t, buffers)
+        run_compiled_step(pool_alloc, t)
     gc.collect()
     gc.freeze()  # the benchmark's own data (millions of list items) is not the pools' cost
-    times: dict[str, list[int]] = {"lists": [], "published": [], "compiled": []}
+    times: dict[str, list[int]] = {"lists": [], "published": [], "compiled": [], "alloc": []}
     clock = time.perf_counter_ns
     for s, t in zip(steps[num_warmup:], tensor_steps[num_warmup:], strict=True):
         t0 = clock()
@@ -324,33 +339,41 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
         t1 = clock()
         run_published_style_step(py_published, t)
         t2 = clock()
-        run_compiled_step(pool, t)
+        run_compiled_step(pool, t, buffers)
         t3 = clock()
+        run_compiled_step(pool_alloc, t)
+        t4 = clock()
         times["lists"].append(t1 - t0)
         times["published"].append(t2 - t1)
         times["compiled"].append(t3 - t2)
+        times["alloc"].append(t4 - t3)
     gc.unfreeze()
     median_us = {name: statistics.median(v) / 1e3 for name, v in times.items()}
     check_agreement(pool, py_lists, sorted({k for s in steps for k in s.insert_keys})[:3000])
     check_agreement(pool, py_published, sorted({k for s in steps for k in s.insert_keys})[:3000])
+    for name, tensor in pool_alloc.state_dict().items():
+        if not torch.equal(tensor, pool.state_dict()[name]):
+            raise AssertionError(f"the two compiled CPU pools disagree ({name})")
 
     cuda_us = cuda_wall_us = None
     if use_cuda:
         cuda_pool = CandidatePool(V, CAPACITY, L, device="cuda")
         cuda_pool.insert_ngrams(torch.from_numpy(text).cuda())
         cuda_steps = [to_tensors(s, "cuda") for s in steps]
+        cuda_buffers = lookup_buffers(cuda_pool)
         for s in cuda_steps[:num_warmup]:
-            run_compiled_step(cuda_pool, s)
-        cuda_us, cuda_wall_us = time_cuda(lambda s: run_compiled_step(cuda_pool, s),
-                                          cuda_steps[num_warmup:])
+            run_compiled_step(cuda_pool, s, cuda_buffers)
+        cuda_us, cuda_wall_us = time_cuda(
+            lambda s: run_compiled_step(cuda_pool, s, cuda_buffers), cuda_steps[num_warmup:])
         for name, tensor in cuda_pool.state_dict().items():
             if not torch.equal(tensor.cpu(), pool.state_dict()[name]):
                 raise AssertionError(f"CUDA and CPU pools disagree ({name})")
 
     # Memory: the compiled pool is preallocated; the Python pool grows with use.
-    return Row(V, L, median_us["lists"], median_us["published"], median_us["compiled"], cuda_us,
-               cuda_wall_us, pool.nbytes / 2**20, python_pool_bytes(py_lists) / 2**20,
-               pool.num_phrases())
+    return Row(V, L, median_us["lists"], median_us["published"], median_us["compiled"],
+               median_us["alloc"], cuda_us, cuda_wall_us,
+               pool.nbytes / 2**20,
+               python_pool_bytes(py_lists) / 2**20, pool.num_phrases())
 
 
 # ----------------------------------------------------------------------------- report
@@ -390,7 +413,10 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         "as the published Ouroboros / lookahead-decoding code drive theirs (the step's tensors "
         "`.tolist()`-ed, one insert call per n-gram, eviction by list rebuild); the speed-up "
         "basis. 'tuned': a faster batch loop fed ready Python lists (conversion not counted)",
-        "* compiled: through `CandidatePool` (argument checks and Python overhead included)",
+        "* compiled: through `CandidatePool` (argument checks and Python overhead included); "
+        "lookups write into result buffers made once and reused every step "
+        "(`lookup(keys, k, out=buffers)`); 'allocating lookups': a second compiled pool "
+        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call)",
         f"* load average when the run started: {load_at_start} (other processes share the "
         "cores; every step is timed on all pools in turn, so the ratios hold better than "
         "the absolute times)",
@@ -401,7 +427,8 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
 
 def table(rows: list[Row], use_cuda: bool) -> str:
     cols = ["V", "L", "Python pool, published style µs/step", "Python pool, tuned µs/step",
-            "compiled CPU µs/step", "CPU speed-up (vs published style / tuned)"]
+            "compiled CPU µs/step", "CPU speed-up (vs published style / tuned)",
+            "compiled CPU, allocating lookups µs/step"]
     if use_cuda:
         cols += ["CUDA µs/step (events, median)", "CUDA µs/step (host wall)",
                  "CUDA speed-up (wall, vs published style)"]
@@ -410,7 +437,8 @@ def table(rows: list[Row], use_cuda: bool) -> str:
     for r in rows:
         cells = [f"{r.vocab_size}", f"{r.phrase_len}", f"{r.python_us:.1f}",
                  f"{r.python_lists_us:.1f}", f"{r.cpu_us:.1f}",
-                 f"{r.python_us / r.cpu_us:.1f}x / {r.python_lists_us / r.cpu_us:.1f}x"]
+                 f"{r.python_us / r.cpu_us:.1f}x / {r.python_lists_us / r.cpu_us:.1f}x",
+                 f"{r.cpu_alloc_us:.1f}"]
         if use_cuda:
             cells += [f"{r.cuda_us:.1f}", f"{r.cuda_wall_us:.1f}",
                       f"{r.python_us / r.cuda_wall_us:.1f}x"]
@@ -441,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_config(V, L, warm_tokens, num_warmup, num_timed, use_cuda))
             r = rows[-1]
             print(f"V={V} L={L}: python {r.python_us:.1f} µs (tuned {r.python_lists_us:.1f}), "
-                  f"compiled CPU {r.cpu_us:.1f} µs"
+                  f"compiled CPU {r.cpu_us:.1f} µs (allocating lookups {r.cpu_alloc_us:.1f})"
                   + (f", CUDA {r.cuda_us:.1f} µs (wall {r.cuda_wall_us:.1f})" if use_cuda
                      else ""), file=sys.stderr)
     report = (header(use_cuda, args.quick, warm_tokens, num_warmup, num_timed, load_at_start)

@@ -17,6 +17,10 @@
 //   The min(k, #non-empty) most recent phrases of each key, newest first (stamp
 //   descending, ties: lowest slot first), their count and slot indices; rows past the
 //   count hold -1. Reads never change recency. k >= 1; k > W is allowed.
+// pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots)
+//   The same, written into caller-provided contiguous int32 tensors of exactly those shapes
+//   on the pool's device (no allocation: a caller can reuse them every step). Not a
+//   registered op; the Python wrapper uses it for lookup(..., out=...).
 // pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L])
 //   Entries are applied in index order. The phrase in (key, slot) is overwritten and keeps
 //   its stamp; if the new phrase already sits in another non-empty slot of that key, the
@@ -51,6 +55,9 @@ at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases);
 void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
                        const at::Tensor& phrases);
 void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases);
+void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_counts,
+                      const at::Tensor& out_slots, int64_t M, int64_t k, int64_t L,
+                      const at::Tensor& phrases);
 
 // CPU implementations (pool_cpu.cpp).
 void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
@@ -58,6 +65,9 @@ void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
                                                                const at::Tensor& stamps,
                                                                const at::Tensor& keys, int64_t k);
+void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
+                         const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                         at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                      const at::Tensor& slots, const at::Tensor& new_phrases);
 
@@ -68,6 +78,9 @@ void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
                                                                 const at::Tensor& stamps,
                                                                 const at::Tensor& keys, int64_t k);
+void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
+                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                          at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                       const at::Tensor& slots, const at::Tensor& new_phrases);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).

@@ -83,6 +83,29 @@ void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases) 
                     " but the pool is on ", phrases.device());
 }
 
+namespace {
+void check_out_tensor(const at::Tensor& out, const char* name, at::IntArrayRef shape,
+                      const at::Tensor& phrases) {
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kInt, "out.", name, ": expected int32, got ",
+                   out.scalar_type());
+  TORCH_CHECK_VALUE(out.sizes() == shape, "out.", name, ": expected shape ", shape, ", got ",
+                    out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out.", name, ": must be contiguous");
+  TORCH_CHECK_VALUE(out.device() == phrases.device(), "out.", name, ": on ", out.device(),
+                    " but the pool is on ", phrases.device());
+}
+}  // namespace
+
+void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_counts,
+                      const at::Tensor& out_slots, int64_t M, int64_t k, int64_t L,
+                      const at::Tensor& phrases) {
+  const int64_t phrases_shape[3] = {M, k, L};
+  const int64_t slots_shape[2] = {M, k};
+  check_out_tensor(out_phrases, "phrases", phrases_shape, phrases);
+  check_out_tensor(out_counts, "counts", at::IntArrayRef(&M, 1), phrases);
+  check_out_tensor(out_slots, "slots", slots_shape, phrases);
+}
+
 // ---------------------------------------------------------------- CPU kernels
 
 namespace {
@@ -290,27 +313,12 @@ void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
-                                                               const at::Tensor& stamps,
-                                                               const at::Tensor& keys,
-                                                               int64_t k) {
-  const PoolDims d = check_state(phrases, stamps);
-  const at::Tensor keys_c = checked_keys(keys, phrases);
-  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  const int64_t M = keys_c.size(0), W = d.W, L = d.L;
-  const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], d.V, m);
+namespace {
 
-  auto opts = phrases.options();  // int32, CPU
-  at::Tensor out_phrases = at::empty({M, k, L}, opts);
-  at::Tensor out_counts = at::empty({M}, opts);
-  at::Tensor out_slots = at::empty({M, k}, opts);
-  int32_t* op = out_phrases.data_ptr<int32_t>();
-  int32_t* oc = out_counts.data_ptr<int32_t>();
-  int32_t* os = out_slots.data_ptr<int32_t>();
-  const int32_t* pp = phrases.data_ptr<int32_t>();
-  const int64_t* sp = stamps.data_ptr<int64_t>();
-
+// Lookup of keys[0 .. M) into op [M, k, L], oc [M], os [M, k] (keys already range-checked).
+void lookup_fill(const int32_t* pp, const int64_t* sp, const int64_t* key_ptr, int64_t M,
+                 int64_t k, const PoolDims& d, int32_t* op, int32_t* oc, int32_t* os) {
+  const int64_t W = d.W, L = d.L;
   // Occupied slots of a key, newest first; on the stack for the usual W <= 64.
   int32_t order_local[64];
   std::vector<int32_t> order_heap(W > 64 ? W : 0);
@@ -346,7 +354,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor&
       os[m * k + r] = -1;
     }
   }
+}
+
+// Checks shared by both lookup entry points; returns the keys as contiguous int64.
+at::Tensor checked_lookup_keys(const at::Tensor& phrases, const at::Tensor& stamps,
+                               const at::Tensor& keys, int64_t k, PoolDims* d) {
+  *d = check_state(phrases, stamps);
+  at::Tensor keys_c = checked_keys(keys, phrases);
+  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
+  const int64_t M = keys_c.size(0);
+  const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
+  if (!all_in_range(key_ptr, M, -1, d->V - 1)) {
+    for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], d->V, m);
+  }
+  return keys_c;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
+                                                               const at::Tensor& stamps,
+                                                               const at::Tensor& keys,
+                                                               int64_t k) {
+  PoolDims d;
+  const at::Tensor keys_c = checked_lookup_keys(phrases, stamps, keys, k, &d);
+  const int64_t M = keys_c.size(0);
+  auto opts = phrases.options();  // int32, CPU
+  at::Tensor out_phrases = at::empty({M, k, d.L}, opts);
+  at::Tensor out_counts = at::empty({M}, opts);
+  at::Tensor out_slots = at::empty({M, k}, opts);
+  lookup_fill(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
+              keys_c.data_ptr<int64_t>(), M, k, d, out_phrases.data_ptr<int32_t>(),
+              out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
   return {out_phrases, out_counts, out_slots};
+}
+
+void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
+                         const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                         at::Tensor& out_counts, at::Tensor& out_slots) {
+  PoolDims d;
+  const at::Tensor keys_c = checked_lookup_keys(phrases, stamps, keys, k, &d);
+  const int64_t M = keys_c.size(0);
+  check_lookup_out(out_phrases, out_counts, out_slots, M, k, d.L, phrases);
+  lookup_fill(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
+              keys_c.data_ptr<int64_t>(), M, k, d, out_phrases.data_ptr<int32_t>(),
+              out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
 }
 
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
@@ -428,6 +480,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lookup_direct(const at::Tensor& p
   unsupported_device(phrases);
 }
 
+void lookup_out_direct(const at::Tensor& phrases, const at::Tensor& stamps,
+                       const at::Tensor& keys, int64_t k, at::Tensor out_phrases,
+                       at::Tensor out_counts, at::Tensor out_slots) {
+  if (phrases.is_cpu()) {
+    return ouroboros::pool_lookup_out_cpu(phrases, stamps, keys, k, out_phrases, out_counts,
+                                          out_slots);
+  }
+#ifdef OUROBOROS_WITH_CUDA
+  if (phrases.is_cuda()) {
+    return ouroboros::pool_lookup_out_cuda(phrases, stamps, keys, k, out_phrases, out_counts,
+                                           out_slots);
+  }
+#endif
+  unsupported_device(phrases);
+}
+
 void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys,
                    const at::Tensor& slots, const at::Tensor& new_phrases) {
   if (phrases.is_cpu()) return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases);
@@ -463,5 +531,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("torch_version") = torch_build_version();
   m.def("pool_insert", &insert_direct, "Same as torch.ops.ouroboros_kernels.pool_insert");
   m.def("pool_lookup", &lookup_direct, "Same as torch.ops.ouroboros_kernels.pool_lookup");
+  m.def("pool_lookup_out", &lookup_out_direct,
+        "pool_lookup written into caller-provided int32 tensors (phrases [M, k, L], "
+        "counts [M], slots [M, k]); returns None");
   m.def("pool_refine", &refine_direct, "Same as torch.ops.ouroboros_kernels.pool_refine");
 }

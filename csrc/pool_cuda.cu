@@ -7,7 +7,8 @@
 // kChunk entries launched in order; inside a chunk the entries are grouped by key: the
 // warp of the first entry of each key (its "leader") applies all of that key's entries in
 // index order, and different keys proceed in parallel. This gives exactly the sequential
-// result. The clock is read on the device and advanced by a stream-ordered add.
+// result. The clock is read on the device and advanced by a one-thread kernel launched
+// after the chunks.
 #ifdef OUROBOROS_WITH_CUDA
 
 #include "pool.h"
@@ -219,6 +220,10 @@ __global__ void lookup_kernel(const int32_t* __restrict__ phrases,
   if (lane == 0) out_counts[m] = static_cast<int32_t>(valid);
 }
 
+// The clock advance after an insert batch: a one-thread kernel, stream-ordered after the
+// chunks that read the clock (cheaper on the host than an ATen add_).
+__global__ void advance_clock_kernel(int64_t* clock, int64_t M) { clock[0] += M; }
+
 template <bool kRefine, typename S, typename T>
 void launch_chunks(at::Tensor& phrases, at::Tensor& stamps, const int64_t* clock,
                    const at::Tensor& keys, const S* slots, const at::Tensor& tokens,
@@ -255,7 +260,9 @@ void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock
     launch_chunks<false, int64_t, int64_t>(phrases, stamps, clock.data_ptr<int64_t>(), keys_c,
                                            no_slots, tokens_c, d);
   }
-  clock.add_(M);  // stream-ordered after the kernels that read it
+  advance_clock_kernel<<<1, 1, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      clock.data_ptr<int64_t>(), M);  // stream-ordered after the kernels that read it
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
@@ -286,6 +293,24 @@ void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor&
   }
 }
 
+namespace {
+
+void launch_lookup(const at::Tensor& phrases, const at::Tensor& stamps, const at::Tensor& keys_c,
+                   int64_t k, const PoolDims& d, at::Tensor& out_phrases,
+                   at::Tensor& out_counts, at::Tensor& out_slots) {
+  const int64_t M = keys_c.size(0);
+  if (M == 0) return;
+  const int64_t blocks = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  lookup_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(), M, k,
+      d.V, d.W, d.L, out_phrases.data_ptr<int32_t>(), out_counts.data_ptr<int32_t>(),
+      out_slots.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
                                                                 const at::Tensor& stamps,
                                                                 const at::Tensor& keys,
@@ -299,15 +324,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor
   at::Tensor out_phrases = at::empty({M, k, d.L}, opts);
   at::Tensor out_counts = at::empty({M}, opts);
   at::Tensor out_slots = at::empty({M, k}, opts);
-  if (M == 0) return {out_phrases, out_counts, out_slots};
-  const int64_t blocks = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  lookup_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-      phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(), M, k,
-      d.V, d.W, d.L, out_phrases.data_ptr<int32_t>(), out_counts.data_ptr<int32_t>(),
-      out_slots.data_ptr<int32_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_lookup(phrases, stamps, keys_c, k, d, out_phrases, out_counts, out_slots);
   return {out_phrases, out_counts, out_slots};
+}
+
+void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
+                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                          at::Tensor& out_counts, at::Tensor& out_slots) {
+  const c10::cuda::CUDAGuard guard(phrases.device());
+  const PoolDims d = check_state(phrases, stamps);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
+  check_lookup_out(out_phrases, out_counts, out_slots, keys_c.size(0), k, d.L, phrases);
+  launch_lookup(phrases, stamps, keys_c, k, d, out_phrases, out_counts, out_slots);
 }
 
 }  // namespace ouroboros

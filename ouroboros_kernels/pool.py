@@ -73,6 +73,7 @@ class _PoolOps(NamedTuple):
     # Direct bindings of the C++/CUDA functions (the hot path: no dispatcher overhead) ...
     insert: Any
     lookup: Any
+    lookup_out: Any
     refine: Any
     # ... and the registered torch ops (used while torch.compile traces).
     insert_op: Any
@@ -82,6 +83,7 @@ class _PoolOps(NamedTuple):
 
 _ops: _PoolOps | None = None
 _make_lookup = tuple.__new__  # PoolLookup from the op's 3-tuple without re-packing
+_is_compiling = torch.compiler.is_compiling
 
 
 def _pool_ops() -> _PoolOps:
@@ -89,10 +91,51 @@ def _pool_ops() -> _PoolOps:
     if _ops is None:
         module = load_extension()
         namespace = torch.ops.ouroboros_kernels
-        _ops = _PoolOps(module.pool_insert, module.pool_lookup, module.pool_refine,
+        _ops = _PoolOps(module.pool_insert, module.pool_lookup, module.pool_lookup_out,
+                        module.pool_refine,
                         namespace.pool_insert.default, namespace.pool_lookup.default,
                         namespace.pool_refine.default)
     return _ops
+
+
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def _advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Ask Linux to back a large CPU tensor with transparent huge pages (before its pages
+    are first touched). Keys are looked up at random across a pool of tens of MB, so with
+    4 KiB pages nearly every access misses the TLB; 2 MiB pages remove most of that.
+    Best effort: silently nothing where madvise or THP is unavailable."""
+    if tensor.device.type != "cpu" or tensor.nbytes < 2 * _HUGE_PAGE:
+        return
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise:
+        return
+    start = -(-tensor.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+    end = (tensor.data_ptr() + tensor.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    if end > start:
+        _madvise(start, end - start, _MADV_HUGEPAGE)
+
+
+_madvise: Any = None
+
+
+def _state_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """An uninitialised state tensor, on the CPU advised to use huge pages."""
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    _advise_huge_pages(tensor)
+    return tensor
 
 
 def _require_int(name: str, value: Any, minimum: int) -> int:
@@ -114,6 +157,20 @@ def _index_tensor(name: str, value: Any, ndim: int, device: torch.device) -> tor
     if value.device != device:
         raise ValueError(f"{name}: on {value.device}, but the pool is on {device}")
     return value
+
+
+def _lookup_buffers(out: Any) -> PoolLookup:
+    """``out`` of :meth:`CandidatePool.lookup` as a PoolLookup of three tensors (shapes,
+    dtypes and devices are checked by the op)."""
+    if isinstance(out, PoolLookup):
+        return out
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise TypeError("out: expected a PoolLookup (phrases, counts, slots) of tensors, got "
+                        f"{type(out).__name__}")
+    for name, buffer in zip(PoolLookup._fields, out, strict=True):
+        if not isinstance(buffer, torch.Tensor):
+            raise TypeError(f"out.{name}: expected a torch.Tensor, got {type(buffer).__name__}")
+    return PoolLookup(*out)
 
 
 def _check_range(name: str, values: torch.Tensor, upper: int) -> None:
@@ -138,7 +195,8 @@ class CandidatePool:
         phrase_len: L, tokens per phrase (an n-gram of level N = L + 1 minus its key).
         device: where the state lives (default CPU). Every argument must be on it.
 
-    Memory: ``V * W * (4 * L + 8)`` bytes.
+    Memory: ``V * W * (4 * L + 8)`` bytes. On the CPU the state tensors are advised to
+    use transparent huge pages (keys are read at random across tens of MB).
     """
 
     def __init__(self, vocab_size: int, capacity: int, phrase_len: int,
@@ -148,9 +206,9 @@ class CandidatePool:
         _require_int("phrase_len", phrase_len, 1)
         self._ops = _pool_ops()
         device = torch.device("cpu") if device is None else torch.device(device)
-        self._phrases = torch.full((vocab_size, capacity, phrase_len), -1, dtype=torch.int32,
-                                   device=device)
-        self._stamps = torch.zeros((vocab_size, capacity), dtype=torch.int64, device=device)
+        self._phrases = _state_tensor((vocab_size, capacity, phrase_len), torch.int32, device)
+        self._phrases.fill_(-1)
+        self._stamps = _state_tensor((vocab_size, capacity), torch.int64, device).zero_()
         self._clock = torch.zeros(1, dtype=torch.int64, device=device)
         self._device = self._phrases.device  # normalised, e.g. cuda -> cuda:0
 
@@ -212,36 +270,67 @@ class CandidatePool:
                                  f"got {tuple(phrases.shape)}")
 
     def _validate(self, keys: Any, k: Any = None, slots: Any = None,
-                  phrases: Any = None) -> None:
+                  phrases: Any = None, out: Any = None) -> None:
         """validate=True: all checks, including the values of device tensors (syncs)."""
         self._diagnose(keys, k, slots, phrases)
+        if out is not None:
+            _lookup_buffers(out)
         _check_range("keys", keys, self.vocab_size)
         if slots is not None:
             _check_range("slots", slots, self.capacity)
         if phrases is not None:
             _check_range("phrases", phrases, 2**31)
 
-    def lookup(self, keys: torch.Tensor, k: int, *, validate: bool = False) -> PoolLookup:
+    def lookup(self, keys: torch.Tensor, k: int, *, out: PoolLookup | None = None,
+               validate: bool = False) -> PoolLookup:
         """The ``k`` most recent phrases of each key, newest first.
 
         Args:
             keys: int64 or int32 ``[M]`` key tokens; -1 = padding (count 0).
             k: rows per key, ``k >= 1`` (``k > W`` allowed: the extra rows are -1).
+            out: optional buffers to write the result into instead of allocating it, as
+                made by :meth:`empty_lookup` (``M`` and ``k`` must match): contiguous
+                int32 tensors on the pool's device of shapes ``[M, k, L]``, ``[M]``,
+                ``[M, k]``. A caller that looks up the same ``(M, k)`` every step can
+                reuse them (each call overwrites them entirely); this skips three
+                allocations per call.
             validate: also range-check ``keys`` on CUDA (syncs). The CPU op always checks.
         Returns:
             ``PoolLookup(phrases int32 [M, k, L], counts int32 [M], slots int32 [M, k])``;
-            rows past ``counts`` are -1. Recency is not changed.
+            rows past ``counts`` are -1. Recency is not changed. With ``out``, ``out``
+            itself (as a PoolLookup).
         """
         if validate:
-            self._validate(keys, k=k)
+            self._validate(keys, k=k, out=out)
         elif k.__class__ is not int:
             _require_int("k", k, 1)
-        op = self._ops.lookup_op if torch.compiler.is_compiling() else self._ops.lookup
+        compiling = _is_compiling()
         try:
-            return _make_lookup(PoolLookup, op(self._phrases, self._stamps, keys, k))
+            if out is None:
+                op = self._ops.lookup_op if compiling else self._ops.lookup
+                return _make_lookup(PoolLookup, op(self._phrases, self._stamps, keys, k))
+            if out.__class__ is not PoolLookup:
+                out = _lookup_buffers(out)
+            if compiling:
+                result = self._ops.lookup_op(self._phrases, self._stamps, keys, k)
+                for buffer, value in zip(out, result, strict=True):
+                    buffer.copy_(value)
+            else:
+                self._ops.lookup_out(self._phrases, self._stamps, keys, k, *out)
+            return out
         except (TypeError, ValueError):
             self._diagnose(keys, k=k)
             raise
+
+    def empty_lookup(self, num_keys: int, k: int) -> PoolLookup:
+        """Uninitialised result buffers for ``lookup(keys, k, out=...)`` with ``num_keys``
+        keys: int32 ``[num_keys, k, L]``, ``[num_keys]``, ``[num_keys, k]`` on the pool's
+        device."""
+        _require_int("num_keys", num_keys, 0)
+        _require_int("k", k, 1)
+        empty = self._phrases.new_empty
+        return PoolLookup(empty((num_keys, k, self.phrase_len)), empty((num_keys,)),
+                          empty((num_keys, k)))
 
     def insert(self, keys: torch.Tensor, phrases: torch.Tensor, *,
                validate: bool = False) -> None:
@@ -254,9 +343,11 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, phrases=phrases)
-        op = self._ops.insert_op if torch.compiler.is_compiling() else self._ops.insert
         try:
-            op(self._phrases, self._stamps, self._clock, keys, phrases)
+            if _is_compiling():
+                self._ops.insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+            else:
+                self._ops.insert(self._phrases, self._stamps, self._clock, keys, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, phrases=phrases)
             raise
@@ -278,9 +369,11 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, slots=slots, phrases=phrases)
-        op = self._ops.refine_op if torch.compiler.is_compiling() else self._ops.refine
         try:
-            op(self._phrases, self._stamps, keys, slots, phrases)
+            if _is_compiling():
+                self._ops.refine_op(self._phrases, self._stamps, keys, slots, phrases)
+            else:
+                self._ops.refine(self._phrases, self._stamps, keys, slots, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, slots=slots, phrases=phrases)
             raise
@@ -305,8 +398,11 @@ class CandidatePool:
         if count <= 0:
             return
         phrases = tokens.unfold(0, L, 1)[1:]  # [count, L]: window t+1 .. t+L for key t
-        op = self._ops.insert_op if torch.compiler.is_compiling() else self._ops.insert
-        op(self._phrases, self._stamps, self._clock, tokens[:count], phrases)
+        if _is_compiling():
+            self._ops.insert_op(self._phrases, self._stamps, self._clock, tokens[:count],
+                                phrases)
+        else:
+            self._ops.insert(self._phrases, self._stamps, self._clock, tokens[:count], phrases)
 
     def clear(self) -> None:
         """Empty every slot and reset the clock (no reallocation)."""

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ouroboros_kernels import CandidatePool, PoolFileError, extension_info
+from ouroboros_kernels import CandidatePool, PoolFileError, PoolLookup, extension_info
 
 # ----------------------------------------------------------------------------- model
 
@@ -390,6 +390,85 @@ def test_bad_lookup_arguments(validate):
             pool.lookup(keys, k, validate=validate)
 
 
+def test_lookup_into_buffers_matches_allocating_lookup():
+    """lookup(..., out=...) writes exactly the allocating lookup's result into poisoned
+    buffers, returns them, and buffers reused across calls and ops stay correct."""
+    rng = random.Random(11)
+    V, W, L = 6, 5, 3
+    pool, model = CandidatePool(V, W, L), ReferencePool(V, W, L)
+    reused = {}
+    for step, op in enumerate(random_stream(rng, V, W, L, 1500, 2, 12)):
+        args = as_tensors(op, "cpu", rng, L)
+        if op[0] == "insert":
+            pool.insert(*args)
+            model.insert(op[1], op[2])
+        elif op[0] == "refine":
+            pool.refine(*args)
+            model.refine(op[1], op[2], op[3])
+        else:
+            keys, k = args
+            where = f"op {step} lookup"
+            fresh = pool.empty_lookup(len(op[1]), k)
+            for buffer in fresh:
+                buffer.fill_(-7)
+            got = pool.lookup(keys, k, out=fresh, validate=rng.random() < 0.2)
+            assert got is fresh, where
+            assert_lookup_equal(got, model.lookup(op[1], k), where)
+            buffers = reused.setdefault((len(op[1]), k), pool.empty_lookup(len(op[1]), k))
+            as_tuple = tuple(buffers) if rng.random() < 0.5 else list(buffers)
+            got = pool.lookup(keys, k, out=as_tuple)  # a plain tuple/list of tensors works
+            assert isinstance(got, PoolLookup) and got.phrases is buffers.phrases, where
+            assert_lookup_equal(buffers, model.lookup(op[1], k), where)
+    assert len(reused) > 10
+
+
+@pytest.mark.parametrize("validate", [False, True])
+def test_bad_lookup_out_arguments(validate):
+    pool = CandidatePool(10, 3, 2)
+    keys = torch.tensor([1, 2])
+    good = pool.empty_lookup(2, 4)
+    assert [tuple(t.shape) for t in good] == [(2, 4, 2), (2,), (2, 4)]
+    assert all(t.dtype == torch.int32 for t in good)
+    i32 = torch.int32
+    cases = [
+        ("nope", TypeError, "out"),
+        (good[:2], TypeError, "out"),
+        ((good.phrases, [0, 0], good.slots), TypeError, "out.counts"),
+        (good._replace(phrases=good.phrases.long()), TypeError, "out.phrases"),
+        (good._replace(counts=torch.empty(3, dtype=i32)), ValueError, "out.counts"),
+        (good._replace(slots=torch.empty(2, 3, dtype=i32)), ValueError, "out.slots"),
+        (pool.empty_lookup(2, 3), ValueError, "out.phrases"),  # k mismatch
+        (pool.empty_lookup(1, 4), ValueError, "out.phrases"),  # M mismatch
+        (good._replace(slots=torch.empty(4, 2, dtype=i32).t()), ValueError, "out.slots"),
+        (good._replace(counts=torch.empty(2, dtype=i32, device="meta")), ValueError,
+         "out.counts"),
+    ]
+    for out, error, name in cases:
+        with pytest.raises(error, match=f"^{name}"):
+            pool.lookup(keys, 4, out=out, validate=validate)
+    with pytest.raises(ValueError, match="^keys"):  # the keys are still checked first
+        pool.lookup(torch.tensor([1, 10]), 4, out=good, validate=validate)
+    with pytest.raises(ValueError, match="^num_keys"):
+        pool.empty_lookup(-1, 2)
+    with pytest.raises(ValueError, match="^k"):
+        pool.empty_lookup(1, 0)
+
+
+def test_large_pool_state_and_huge_page_advice():
+    """Pools above the huge-page threshold (the state is advised to use 2 MiB pages before
+    first touch) start empty and work like small ones."""
+    V, W, L = 70000, 4, 2  # phrases 2.2 MB, stamps 2.2 MB
+    pool = CandidatePool(V, W, L)
+    assert bool((pool.state_dict()["phrases"] == -1).all())
+    assert not bool(pool.state_dict()["stamps"].any())
+    keys = torch.tensor([0, V - 1, V // 2, V - 1])
+    phrases = torch.tensor([[1, 2], [3, 4], [5, 6], [7, 8]])
+    pool.insert(keys, phrases)
+    got = pool.lookup(torch.tensor([V - 1, 0, 5]), 2)
+    assert got.phrases.tolist() == [[[7, 8], [3, 4]], [[1, 2], [-1, -1]], [[-1, -1], [-1, -1]]]
+    assert got.counts.tolist() == [2, 1, 0]
+
+
 @pytest.mark.parametrize("validate", [False, True])
 def test_bad_insert_arguments(validate):
     pool = CandidatePool(10, 3, 2)
@@ -706,6 +785,27 @@ def test_cuda_large_batches_cross_chunks():
     cpu_pool.insert_ngrams(tokens)
     cuda_pool.insert_ngrams(tokens.cuda())
     _compare_pools(cpu_pool, cuda_pool, "insert_ngrams")
+
+
+@gpu
+@needs_cuda_ops
+def test_cuda_lookup_into_buffers():
+    """lookup(..., out=...) on CUDA: poisoned buffers get exactly the CPU result; buffers
+    on the wrong device are rejected."""
+    cpu_pool = filled_pool(V=30, W=7, L=3, seed=9)
+    cuda_pool = CandidatePool(30, 7, 3, device="cuda")
+    cuda_pool.load_state_dict(cpu_pool.state_dict())
+    keys = torch.tensor([3, -1, 29, 3, 0, 17] * 50)
+    for k in (1, 4, 7, 12):
+        out = cuda_pool.empty_lookup(len(keys), k)
+        for buffer in out:
+            buffer.fill_(0x5A5A5A5A)
+        got = cuda_pool.lookup(keys.cuda(), k, out=out)
+        assert got is out
+        for e, g in zip(cpu_pool.lookup(keys, k), got, strict=True):
+            assert g.device.type == "cuda" and torch.equal(g.cpu(), e), k
+    with pytest.raises(ValueError, match="^out.phrases"):
+        cuda_pool.lookup(keys.cuda(), 4, out=cpu_pool.empty_lookup(len(keys), 4))
 
 
 @gpu
