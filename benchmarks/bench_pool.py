@@ -416,7 +416,9 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         "* compiled: through `CandidatePool` (argument checks and Python overhead included); "
         "lookups write into result buffers made once and reused every step "
         "(`lookup(keys, k, out=buffers)`); 'allocating lookups': a second compiled pool "
-        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call)",
+        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call), "
+        "timed right after the first compiled pool, i.e. with its code paths warm: optimistic, "
+        "not a like-for-like comparison with the column before",
         f"* load average when the run started: {load_at_start} (other processes share the "
         "cores; every step is timed on all pools in turn, so the ratios hold better than "
         "the absolute times)",
