@@ -43,6 +43,7 @@ def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausa
     with torch.no_grad():
         for parameter in copy_.parameters():
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            noise = noise.to(parameter.device)
             parameter.add_((noise * scale * parameter.double().std()).to(parameter.dtype))
     return copy_
 
