@@ -109,8 +109,8 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    """Output of ``generate``: ``sequences: int64[1, prompt + new]`` (like
-    ``model.generate``), ``prompt_length``, and the `GenerationStats`."""
+    """Output of ``generate``: ``sequences: int64[1, prompt + new]`` on the models' device
+    (like ``model.generate``), ``prompt_length``, and the `GenerationStats`."""
 
     sequences: torch.Tensor
     prompt_length: int
@@ -632,5 +632,5 @@ def run_generation(session: Session, prompt_length: int, rules: StopRules,
     del session.tokens[prompt_length + len(generated):]
     stats.new_tokens = len(generated)
     stats.time_total = time.perf_counter() - start
-    sequences = torch.tensor([session.tokens], dtype=torch.int64)
+    sequences = torch.tensor([session.tokens], dtype=torch.int64, device=session.device)
     return GenerationResult(sequences, prompt_length, stats)
