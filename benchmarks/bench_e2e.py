@@ -188,6 +188,8 @@ def describe(config: OuroborosConfig) -> str:
         parts.append(f"phrases={config.draft_phrases}")
     if config.uses_pool:
         parts += [f"N={config.ngram}", f"K={config.num_suffixes}", f"W={config.pool_capacity}"]
+        if getattr(config, "root_phrases", 0):
+            parts.append(f"root phrases={config.root_phrases}")
     parts.append(f"window={config.window_size if config.window else 'off'}")
     flags = [f for f in ("inspiration", "refinement") if not getattr(config, f) and
              config.name == "ouroboros"]
@@ -196,13 +198,15 @@ def describe(config: OuroborosConfig) -> str:
 
 
 def engine_configs(target, draft, tokenizer, tune: bool, overrides: dict,
+                   prompts: list[list[int]] | None = None,
                    progress: bool = True) -> dict[str, OuroborosConfig]:
     """Configurations of the engine methods (tuned for the device unless ``tune`` is
-    False); ``overrides`` apply to ``ouroboros`` and its variants."""
+    False; the draft's agreement measured on ``prompts`` when given); ``overrides`` apply
+    to ``ouroboros`` and its variants."""
     from ouroboros.tuning import choose_from, measure
 
     if tune:
-        measurements = measure(target, draft, tokenizer, progress=progress)
+        measurements = measure(target, draft, tokenizer, prompts=prompts, progress=progress)
         speculative = choose_from(measurements, "speculative")
         lookahead = choose_from(measurements, "lookahead")
         ouroboros = choose_from(measurements, "ouroboros", **overrides)
@@ -262,6 +266,7 @@ class Totals:
     time_verify: float = 0.0
     time_pool: float = 0.0
     time_engine_total: float = 0.0
+    engine_stats: dict = field(default_factory=dict)  # every GenerationStats counter, summed
 
     def add(self, run: Run, reference: list[int], label: str) -> None:
         self.seconds += run.seconds
@@ -280,6 +285,9 @@ class Totals:
             self.time_verify += run.stats.time_verify
             self.time_pool += run.stats.time_pool
             self.time_engine_total += run.stats.time_total
+            for name, value in vars(run.stats).items():
+                if isinstance(value, (int, float)):
+                    self.engine_stats[name] = self.engine_stats.get(name, 0) + value
 
     @property
     def tokens_per_second(self) -> float:
@@ -355,15 +363,20 @@ def machine_lines(device: torch.device, threads: int) -> list[str]:
     ]
 
 
-def markdown(results: dict[str, dict[str, Totals]], methods: Sequence[Method],
+def markdown(results: dict[str, dict[str, Totals]], set_methods: dict[str, list[Method]],
              header: list[str], set_sizes: dict[str, int]) -> str:
     lines = ["# End-to-end decoding speed", ""]
     lines += [f"* {h}" for h in header]
     lines.append("")
     for set_name, totals in results.items():
+        methods = set_methods[set_name]
         base = totals["greedy"].seconds
-        lines += [f"## {SET_TITLES[set_name]}: {set_sizes[set_name]} prompts", "",
-                  "| method | tokens/s | speed-up vs greedy | tokens per target pass | "
+        lines += [f"## {SET_TITLES[set_name]}: {set_sizes[set_name]} prompts", ""]
+        configs = [f"`{m.name}`: {describe(m.config)}" for m in methods if m.config is not None
+                   and not m.name.startswith("no_") and m.name != "ouroboros_warm"]
+        if configs:
+            lines += ["Configurations: " + "; ".join(configs) + ".", ""]
+        lines += ["| method | tokens/s | speed-up vs greedy | tokens per target pass | "
                   "identical to greedy | time: draft / verify / pool / other |",
                   "|---|---|---|---|---|---|"]
         for method in methods:
@@ -470,6 +483,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "measured at the start)")
     parser.add_argument("--no-tune", action="store_true",
                         help="use the presets instead of the device-tuned configurations")
+    parser.add_argument("--calibrate", choices=("set", "default"), default="set",
+                        help="measure the draft's agreement (which sizes the trees) on the first "
+                             "two prompts of each set (default) or on the built-in calibration "
+                             "prompts")
     parser.add_argument("--no-prepack", action="store_true",
                         help="CPU: keep transformers' stock linear kernels")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -504,12 +521,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_methods(args, target, draft, tokenizer, stock, device) -> list[Method]:
-    from ouroboros.cli import _parse_overrides
-
-    counter = PassCounter(target)
-    configs = engine_configs(target, draft, tokenizer, tune=not args.no_tune,
-                             overrides=_parse_overrides(args.set))
+def build_methods(args, target, draft, stock, device, configs: dict[str, OuroborosConfig],
+                  counter: PassCounter, stock_counter: PassCounter | None) -> list[Method]:
+    """The methods of ``args.methods`` in `ALL_METHODS` order (fresh engine decoders)."""
     methods = []
     for name in ALL_METHODS:
         if name not in args.methods:
@@ -523,7 +537,7 @@ def build_methods(args, target, draft, tokenizer, stock, device) -> list[Method]
                                      prompt_lookup_num_tokens=10))
         elif name == "greedy_stock":
             if stock is not None:
-                methods.append(hf_method(name, stock, PassCounter(stock), device))
+                methods.append(hf_method(name, stock, stock_counter, device))
         else:
             methods.append(engine_method(name, target, draft, configs[name], device))
     return methods
@@ -545,21 +559,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ouroboros.tuning import choose_num_threads
 
         print(f"torch threads: {choose_num_threads(target)} (measured; --threads to fix)")
-    methods = build_methods(args, target, draft, tokenizer, stock, device)
-    for method in methods:
-        if method.config is not None:
-            print(f"{method.name}: {describe(method.config)}")
+    from ouroboros.cli import _parse_overrides
+
+    overrides = _parse_overrides(args.set)
+    counter = PassCounter(target)
+    stock_counter = PassCounter(stock) if stock is not None else None
     set_sizes = {"humaneval": args.prompts, "heldout": args.heldout, "chat": args.chat}
     results: dict[str, dict[str, Totals]] = {}
+    set_methods: dict[str, list[Method]] = {}
+    alphas: dict[str, float | None] = {}
     started = time.perf_counter()
     for set_name in args.sets:
         prompts = prompt_set(set_name, set_sizes[set_name], tokenizer)
         set_sizes[set_name] = len(prompts)
-        for method in methods:
-            if hasattr(method, "decoder"):
-                method.decoder.clear_pool()  # warm pools start empty in every set
+        sample = [ids for _, ids in prompts[:2]] if args.calibrate == "set" else None
+        configs = engine_configs(target, draft, tokenizer, not args.no_tune, overrides, sample)
+        if not args.no_tune:
+            from ouroboros.tuning import measure
+
+            alphas[set_name] = measure(target, draft, tokenizer, prompts=sample).alpha
+        methods = build_methods(args, target, draft, stock, device, configs, counter,
+                                stock_counter)
+        set_methods[set_name] = methods
         print(f"== {SET_TITLES[set_name]}: {len(prompts)} prompts, {args.max_new_tokens} new "
               f"tokens, {len(methods)} methods", flush=True)
+        for method in methods:
+            if method.config is not None:
+                print(f"   {method.name}: {describe(method.config)}")
         results[set_name] = run_set(methods, prompts, args.max_new_tokens,
                                     log=lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - started
@@ -584,15 +610,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "time split: from the engine's stats (draft model passes / target verification / "
         "candidate pool / the rest: target prefill, bookkeeping)",
     ]
-    for method in methods:
-        if method.config is not None:
-            header.append(f"`{method.name}`: {describe(method.config)}")
     if not args.no_tune:
         from ouroboros.tuning import measure
 
-        header.append("tuned from: " + measure(target, draft, tokenizer).summary()
-                      .replace("\n", "; "))
-    text = markdown(results, methods, header, set_sizes)
+        curves = measure(target, draft, tokenizer).summary().split("\n")
+        header.append("tuned (ouroboros.tuning) from the measured costs: " + "; ".join(
+            line for line in curves if "ms per pass" in line))
+        header.append("draft agreement α with the target's greedy text, measured per set on "
+                      + ("its first two prompts" if args.calibrate == "set" else
+                         "the built-in calibration prompts") + " (untimed): " + ", ".join(
+                          f"{name} {alpha:.2f}" for name, alpha in alphas.items()
+                          if alpha is not None))
+    text = markdown(results, set_methods, header, set_sizes)
     print()
     print(text)
 
@@ -603,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = {s: {n: vars(t) for n, t in totals.items()} for s, totals in results.items()}
     (out / f"{stem}.json").write_text(json.dumps({"header": header, "results": raw}, indent=1))
     try:
-        bar_chart(results, methods, out / f"{stem}.png",
+        bar_chart(results, set_methods[args.sets[0]], out / f"{stem}.png",
                   f"Ouroboros end to end, {header[1].split(';')[0]}; {header[0]}")
     except ImportError:
         print("matplotlib is not installed: no PNG (pip install matplotlib)", file=sys.stderr)

@@ -420,6 +420,8 @@ def _shapes(base: OuroborosConfig, fixed: dict) -> Iterable[TreeShape]:
             yield TreeShape(True, gamma, base.ngram, 0)
         return
     if not base.use_draft:  # lookahead
+        if not (base.seed_pool_from_prompt or base.pool_from_output):
+            windows = [(w, size) for w, size in windows if w]  # the window feeds the pool
         for ngram in values("ngram", NGRAMS):
             for suffixes in values("num_suffixes", SUFFIXES):
                 for window, size in windows:
@@ -558,28 +560,57 @@ def _cache_path(target: nn.Module, draft: nn.Module | None, device: torch.device
     return root / "tuning" / f"{device.type}-{digest}.json"
 
 
+def _prompts_key(prompts: Sequence[Sequence[int]] | None) -> str:
+    if prompts is None:
+        return "default"
+    flat = json.dumps([list(map(int, p)) for p in prompts])
+    return hashlib.sha256(flat.encode()).hexdigest()[:16]
+
+
 def measure(target: nn.Module, draft: nn.Module | None, tokenizer=None, *,
+            prompts: Sequence[Sequence[int]] | None = None,
             cache_dir: str | os.PathLike | None = None, refresh: bool = False,
             progress: bool = False) -> Measurements:
-    """Cost curves (and α with a draft and a tokenizer) of a model pair on its device, read
-    from the cache when present (``refresh=True`` measures again); see the module doc."""
+    """Cost curves and, with a draft, its agreement α for a model pair on its device.
+
+    Read from the cache when present (``refresh=True`` measures again; see the module doc).
+    α is measured on ``prompts`` (token id lists: a sample of the workload, e.g. two
+    prompts of a benchmark set) or, by default, on `CALIBRATION_PROMPTS` (needs the
+    ``tokenizer``); each prompt sample's α is cached separately. Without a tokenizer and
+    prompts α stays None (`choose_from` then uses the prior).
+    """
     device = next(target.parameters()).device
     path = _cache_path(target, draft, device, cache_dir)
+    cached = None
     if not refresh and path.is_file():
         try:
-            return Measurements.from_json(path.read_text())
+            cached = Measurements.from_json(path.read_text())
         except (OSError, ValueError, KeyError, TypeError):
-            pass  # a broken or outdated entry: measure again
-    if progress:
-        print("[ouroboros] measuring forward-pass costs on this device (once; cached)...",
-              file=sys.stderr, flush=True)
+            cached = None  # a broken or outdated entry: measure again
+    key = _prompts_key(prompts)
+    can_measure_alpha = draft is not None and (prompts is not None or tokenizer is not None)
+    alphas = dict(cached.extra.get("alphas", {})) if cached is not None else {}
+    if cached is not None and (key in alphas or not can_measure_alpha):
+        cached.alpha = alphas.get(key)
+        return cached
     start = time.perf_counter()
-    target_curve = measure_cost_curve(target, TARGET_SIZES)
-    draft_curve = measure_cost_curve(draft, DRAFT_SIZES) if draft is not None else None
-    alpha = measure_agreement(target, draft, tokenizer) if draft is not None and \
-        tokenizer is not None else None
-    result = Measurements(device_description(device), target_curve, draft_curve, alpha,
-                          time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter() - start)
+    if cached is None:
+        if progress:
+            print("[ouroboros] measuring forward-pass costs on this device (once; cached)...",
+                  file=sys.stderr, flush=True)
+        target_curve = measure_cost_curve(target, TARGET_SIZES)
+        draft_curve = measure_cost_curve(draft, DRAFT_SIZES) if draft is not None else None
+    else:
+        target_curve, draft_curve = cached.target_curve, cached.draft_curve
+    if can_measure_alpha:
+        if progress:
+            print("[ouroboros] measuring the draft's agreement with the target...",
+                  file=sys.stderr, flush=True)
+        alphas[key] = measure_agreement(target, draft, tokenizer, prompts=prompts)
+    spent = time.perf_counter() - start + (cached.seconds_spent if cached else 0.0)
+    result = Measurements(device_description(device), target_curve, draft_curve,
+                          alphas.get(key), time.strftime("%Y-%m-%d %H:%M:%S"), spent,
+                          {"alphas": alphas})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(f".{os.getpid()}.tmp")
@@ -588,13 +619,14 @@ def measure(target: nn.Module, draft: nn.Module | None, tokenizer=None, *,
     except OSError:
         pass  # a read-only cache directory only costs a re-measurement next time
     if progress:
-        print(f"[ouroboros] measured in {result.seconds_spent:.1f} s, cached at {path}",
+        print(f"[ouroboros] measured in {time.perf_counter() - start:.1f} s, cached at {path}",
               file=sys.stderr, flush=True)
     return result
 
 
 def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=None, *,
                  method: str = "ouroboros", tune: bool | None = None,
+                 prompts: Sequence[Sequence[int]] | None = None,
                  refresh: bool = False, cache_dir: str | os.PathLike | None = None,
                  progress: bool = False, **overrides) -> OuroborosConfig:
     """`OuroborosConfig` of ``method`` tuned for the device the models are on.
@@ -602,10 +634,13 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
     Args:
         target, draft: the model pair, loaded on their device (the draft may be None for
             ``greedy`` and ``lookahead``).
-        tokenizer: enables the agreement measurement (α); without it α is the prior of
-            `ThroughputModel`.
+        tokenizer: enables the agreement measurement (α) on `CALIBRATION_PROMPTS`; without
+            it (and without ``prompts``) α is the prior of `ThroughputModel`.
         method: a preset name (``greedy``, ``speculative``, ``lookahead``, ``ouroboros``).
         tune: False (or ``OUROBOROS_TUNING=off`` when None) returns the preset unchanged.
+        prompts: token id lists, a sample of the workload to measure α on (instead of
+            `CALIBRATION_PROMPTS`); α depends on the domain (code vs chat, text the draft
+            was trained on or not).
         refresh: measure again even when the cache has an entry.
         cache_dir: root of the cache (default ``$OUROBOROS_CACHE_DIR`` or
             ``~/.cache/ouroboros``).
@@ -623,8 +658,8 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
     uses_draft = OuroborosConfig.preset(method, **overrides).use_draft
     if uses_draft and draft is None:
         raise ValueError(f"method {method!r} needs a draft model to tune for")
-    measurements = measure(target, draft if uses_draft else None, tokenizer, refresh=refresh,
-                           cache_dir=cache_dir, progress=progress)
+    measurements = measure(target, draft if uses_draft else None, tokenizer, prompts=prompts,
+                           refresh=refresh, cache_dir=cache_dir, progress=progress)
     return choose_from(measurements, method, **overrides)
 
 

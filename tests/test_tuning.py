@@ -149,6 +149,16 @@ def test_measure_and_cache_on_tiny_models(tmp_path, monkeypatch):
     monkeypatch.setattr("ouroboros.tuning.measure_cost_curve", fail)
     again = measure(target, draft, None, cache_dir=tmp_path)
     assert again.target_curve == first.target_curve
+    # α on a prompt sample: measured once (the curves come from the cache), then cached.
+    prompts = [random_prompt(10, 48, seed=s)[0].tolist() for s in (3, 4)]
+    sampled = measure(target, draft, None, prompts=prompts, cache_dir=tmp_path)
+    assert 0.0 <= sampled.alpha <= 1.0 and sampled.target_curve == first.target_curve
+    monkeypatch.setattr("ouroboros.tuning.measure_agreement", fail)
+    assert measure(target, draft, None, prompts=prompts, cache_dir=tmp_path).alpha == \
+        sampled.alpha
+    assert measure(target, draft, None, cache_dir=tmp_path).alpha is None
+    with pytest.raises(AssertionError, match="measured again"):
+        measure(target, draft, None, prompts=prompts[:1], cache_dir=tmp_path)
     files[0].write_text("{broken")
     with pytest.raises(AssertionError, match="measured again"):
         measure(target, draft, None, cache_dir=tmp_path)
