@@ -430,6 +430,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 100
     log_every: int = 25
+    bf16_autocast: bool = False  # ~2x faster on CPUs with AVX512-BF16; weights stay fp32
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -462,8 +463,10 @@ def _calibrate_steps(student, stream, cfg: TrainConfig, full_to_sub, seconds: fl
         began = time.perf_counter()
         starts = _batch_starts(n_windows, cfg.batch_size, step, cfg.seed) * cfg.seq_len
         index = starts[:, None] + torch.arange(cfg.seq_len)
-        loss, _ = distill_loss(probe(stream.tokens[index]), stream.topk_ids[index],
-                               stream.topk_logits[index], stream.valid[index], full_to_sub)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            logits = probe(stream.tokens[index])
+        loss, _ = distill_loss(logits, stream.topk_ids[index], stream.topk_logits[index],
+                               stream.valid[index], full_to_sub)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -550,7 +553,8 @@ def train(
             group["lr"] = _lr_at(step, cfg)
         starts = _batch_starts(n_windows, cfg.batch_size, step, cfg.seed) * cfg.seq_len
         index = starts[:, None] + torch.arange(cfg.seq_len)
-        logits = student(stream.tokens[index])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            logits = student(stream.tokens[index])
         loss, agree = distill_loss(logits, stream.topk_ids[index], stream.topk_logits[index],
                                    stream.valid[index], full_to_sub, cfg.soft_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -870,12 +874,25 @@ def stage_train(args) -> None:
     _log(f"output vocabulary of {len(subset)} tokens covers {coverage:.4f} of the training "
          f"argmaxes and {float(torch.stack(eval_cover).mean()) if eval_cover else 0:.4f} "
          "of held-out continuations")
-    basis = pca_basis(target.get_input_embeddings().weight.detach(), draft_cfg.embed_rank)
-    student = DraftStudent(draft_cfg, target.config, subset, embed_basis=basis)
+    if args.init_from:
+        # Continue from a trained draft (its shape and output vocabulary) with a new schedule.
+        state = torch.load(args.init_from, weights_only=False)
+        draft_cfg = DraftConfig(**state["draft_config"])
+        student = DraftStudent(draft_cfg, target.config, state["student"]["output_token_ids"])
+        student.load_state_dict(state["student"])
+        covered.zero_()
+        covered[student.output_token_ids] = True
+        coverage = float(covered[stream.topk_ids[stream.valid, 0]].float().mean())
+        _log(f"initialised from {args.init_from} (step {state['step']}); its output "
+             f"vocabulary covers {coverage:.4f} of the training argmaxes")
+    else:
+        basis = pca_basis(target.get_input_embeddings().weight.detach(), draft_cfg.embed_rank)
+        student = DraftStudent(draft_cfg, target.config, subset, embed_basis=basis)
     del target
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, seed=args.seed, save_every=args.save_every,
-                            warmup=args.warmup, soft_weight=args.soft_weight)
+                            warmup=args.warmup, soft_weight=args.soft_weight,
+                            bf16_autocast=args.bf16_autocast)
     evaluate = (lambda s: agreement(s, eval_records)) if eval_records else None
     deadline = time.time() + args.minutes * 60 if args.minutes else None
     summary = train(student, stream, train_cfg, work_dir, resume=args.resume, evaluate=evaluate,
@@ -1157,6 +1174,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=TrainConfig.save_every)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--resume", action="store_true", help="continue from checkpoint.pt")
+    parser.add_argument("--init-from", default=None,
+                        help="start from this checkpoint's weights with a fresh schedule")
+    parser.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
+                        help="train in plain float32 (default: bfloat16 autocast on the CPU)")
     # evaluate
     parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--report", default=None, help="markdown report path (evaluate)")

@@ -142,19 +142,23 @@ def _cfg(**overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_training_checkpoints_and_resumes_to_identical_weights(teacher, stream_and_eval, tmp_path):
+@pytest.mark.parametrize("bf16_autocast", [False, True])
+def test_training_checkpoints_and_resumes_to_identical_weights(
+    teacher, stream_and_eval, tmp_path, bf16_autocast
+):
     stream, _ = stream_and_eval
+    cfg = _cfg(bf16_autocast=bf16_autocast)
     straight = _tiny_student(teacher, stream)
-    train(straight, stream, _cfg(), tmp_path / "straight", progress=False)
+    train(straight, stream, cfg, tmp_path / "straight", progress=False)
 
     interrupted = _tiny_student(teacher, stream)
-    summary = train(interrupted, stream, _cfg(), tmp_path / "resumed", stop_after=3,
+    summary = train(interrupted, stream, cfg, tmp_path / "resumed", stop_after=3,
                     progress=False)
     assert summary["steps"] == 3
     saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 3
     resumed = _tiny_student(teacher, stream, seed=99)  # different init: must be overwritten
-    summary = train(resumed, stream, _cfg(), tmp_path / "resumed", resume=True, progress=False)
+    summary = train(resumed, stream, cfg, tmp_path / "resumed", resume=True, progress=False)
     assert summary["steps"] == 8
     for (name, a), (_, b) in zip(straight.state_dict().items(),
                                  resumed.state_dict().items(), strict=True):
@@ -165,7 +169,7 @@ def test_training_learns_the_teacher(teacher, stream_and_eval, tmp_path):
     stream, held_out = stream_and_eval
     student = _tiny_student(teacher, stream)
     before = agreement(student, held_out)["agreement"]
-    summary = train(student, stream, _cfg(steps=60, save_every=0, log_every=10, lr=1e-2),
+    summary = train(student, stream, _cfg(steps=40, save_every=0, log_every=10, lr=1e-2),
                     tmp_path, progress=False)
     losses = [h["loss"] for h in summary["history"] if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
