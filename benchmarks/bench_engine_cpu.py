@@ -4,7 +4,8 @@ so that machine drift hits all alike). Every output is checked against greedy de
 
     python benchmarks/bench_engine_cpu.py [--prompts 5] [--new-tokens 128] [--draft layers:8]
 
-``--draft``: ``distilled`` (the package's draft, ``ouroboros.models.load_draft``),
+``--draft``: ``distilled`` (the package's draft, ``ouroboros.models.load_draft``; or
+``distilled:FOLDER`` for another export of it),
 ``layers:N`` (the target's first N layers with its norm and head: a weak draft sharing its
 weights), or a model directory / .gguf file. Writes a markdown table to
 ``benchmarks/results/engine_cpu_smollm2.md`` (``--out``: a file, or a folder to write
@@ -60,8 +61,10 @@ def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCau
 
 
 def make_draft(spec: str, target):
-    if spec == "distilled":
-        return load_draft(device="cpu", dtype="float32", progress=False), "distilled draft"
+    if spec == "distilled" or spec.startswith("distilled:"):
+        path = spec.partition(":")[2] or None
+        return load_draft(device="cpu", dtype="float32", progress=False, path=path), \
+            f"distilled draft ({path or 'shipped with the package'})"
     if spec.startswith("layers:"):
         n = int(spec.split(":", 1)[1])
         return first_layers_draft(target, n), f"target's first {n} of " \
