@@ -490,12 +490,20 @@ def _load_factorised_draft(folder: Path, dtype: torch.dtype, **from_pretrained_k
     if basis.shape[0] != config.vocab_size:
         raise ValueError(f"draft at {folder}: embedding rows {basis.shape[0]} != vocab_size "
                          f"{config.vocab_size}")
-    model = LlamaForCausalLM(config)
-    model.lm_head = SubsetLMHead(basis[token_ids] @ embed_out, token_ids, config.vocab_size)
+    # Built on the meta device (no random init of two [V, d] matrices), then every
+    # parameter is assigned from the file; only the rotary buffers are computed afresh.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    head = SubsetLMHead(basis[token_ids] @ embed_out, token_ids, config.vocab_size)
+    model.lm_head = head
     state = {k: v.float() for k, v in tensors.items()}
     state["model.embed_tokens.weight"] = basis @ embed_in
-    state["lm_head.weight"] = model.lm_head.weight.detach()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    state["lm_head.weight"] = head.weight.detach()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise ValueError(f"draft at {folder}: missing weights {missing}, unexpected {unexpected}")
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"draft at {folder}: tensors left uninitialised: {still_meta}")
     return model.to(dtype)
