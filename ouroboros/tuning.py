@@ -329,8 +329,9 @@ class ThroughputModel:
       the pool holds the target's continuation with probability ``coverage``, usually among
       its most recent phrases (each further phrase finds a ``1 - recency`` share of the rest),
       and a phrase that starts right is accepted for ``g(L) = sum(continuation^j, j < L)``
-      tokens on average. ``r`` likewise with ``root_coverage`` (a token the draft got wrong
-      is a hard one);
+      tokens on average; coverages shrink by ``length_decay`` per token beyond L = 3
+      (longer n-grams recur less often). ``r`` likewise with ``root_coverage`` and
+      ``root_recency`` (a token the draft got wrong is a hard one);
     * draft passes: ``γ / (1 + m)``, ``m = s(P)`` the pool phrase length one draft pass
       accepts; each costs ``draft(2 + P * L + window cells) + pass_overhead``;
     * one target pass over ``2 + γ + (K + R) * L`` tokens (without a draft: ``1 + K * L +
@@ -338,26 +339,33 @@ class ThroughputModel:
 
     The window adds ``window_boost`` to the coverages (fresh n-grams). The priors only rank
     configurations; the measured cost curves decide how large a tree the device affords.
-    α is measured for the pair (`measure_agreement`); the other priors were set from the
-    engine's statistics for SmolLM2-135M with its distilled draft on HumanEval and chat
-    prompts (benchmarks/bench_e2e.py).
+    α is measured for the pair (`measure_agreement`); the pool priors were fitted to the
+    engine's statistics (accepted suffix / root-phrase tokens per step for K, R = 1, 2, 4)
+    for SmolLM2-135M with its distilled draft on HumanEval prompts (code: the pool's best
+    case; on chat the pool finds less, which costs little because K and R stay small on
+    a CPU).
     """
 
     alpha: float = 0.7
-    coverage: float = 0.45
-    root_coverage: float = 0.25
-    recency: float = 0.5
-    continuation: float = 0.75
-    window_boost: float = 0.05
-    step_overhead: float = 0.002
+    coverage: float = 0.6
+    recency: float = 0.2
+    root_coverage: float = 0.4
+    root_recency: float = 0.5
+    continuation: float = 0.85
+    length_decay: float = 0.9
+    window_boost: float = 0.01
+    step_overhead: float = 0.003
     pass_overhead: float = 0.0005
 
-    def phrase_tokens(self, count: int, length: int, coverage: float, window: bool) -> float:
+    def phrase_tokens(self, count: int, length: int, coverage: float, window: bool,
+                      recency: float | None = None) -> float:
         """Expected tokens accepted from ``count`` pool phrases of ``length`` tokens."""
         if count <= 0:
             return 0.0
-        coverage = min(coverage + (self.window_boost if window else 0.0), 1.0)
-        found = coverage * (1 - self.recency ** count)
+        recency = self.recency if recency is None else recency
+        coverage *= self.length_decay ** (length - 3)  # longer n-grams recur less often
+        coverage = min(max(coverage + (self.window_boost if window else 0.0), 0.0), 1.0)
+        found = coverage * (1 - recency ** count)
         return found * sum(self.continuation ** j for j in range(length))
 
     def tokens_per_step(self, shape: TreeShape) -> float:
@@ -370,7 +378,7 @@ class ThroughputModel:
         accepted = sum(alpha ** i for i in range(1, shape.gamma + 1))
         suffixes = self.phrase_tokens(shape.num_suffixes, length, self.coverage, shape.window)
         roots = self.phrase_tokens(shape.root_phrases, length, self.root_coverage,
-                                   shape.window)
+                                   shape.window, self.root_recency)
         return 1 + accepted + alpha ** shape.gamma * suffixes + (1 - alpha) * roots
 
     def seconds_per_step(self, shape: TreeShape, target: CostCurve,
@@ -401,7 +409,7 @@ GAMMAS = tuple(range(1, 13))
 SUFFIXES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
 PHRASES = (0, 1, 2, 4, 8)
 ROOT_PHRASES = (0, 1, 2, 4)
-NGRAMS = (3, 4, 5, 6)
+NGRAMS = (3, 4, 5)
 WINDOW_SIZES = (2, 4, 8)
 
 
@@ -720,17 +728,56 @@ def prepacking_available(model: nn.Module) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def prepack_linear_weights(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of a CPU float32 model by a `PrepackedLinear` (in place).
+def _subset_head_type():
+    """The draft's `ouroboros.models.SubsetLMHead` and its prepacked variant (or None)."""
+    try:
+        from ouroboros.models import SubsetLMHead
+    except ImportError:  # pragma: no cover - the models module always ships it
+        return None, None
 
-    Returns how many layers were replaced (0 when `prepacking_available` is False: on a GPU,
-    in another dtype, or without oneDNN). Inference only (the packed copy does not follow
-    later changes of the weights, nor ``model.to(...)``).
+    class PrepackedSubsetLMHead(SubsetLMHead):
+        """`SubsetLMHead` whose subset weight is also kept in oneDNN's layout (see
+        `PrepackedLinear`); same ``forward`` contract: full-vocabulary logits, the lowest
+        finite value outside the subset."""
+
+        def __getstate__(self) -> dict:
+            state = self.__dict__.copy()
+            state.pop("packed", None)
+            return state
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            scores = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none",
+                                                        [None], "")
+            full = scores.new_full((*scores.shape[:-1], self.vocab_size),
+                                   torch.finfo(scores.dtype).min)
+            return full.index_copy_(-1, self.token_ids, scores)
+
+    return SubsetLMHead, PrepackedSubsetLMHead
+
+
+def prepack_linear_weights(model: nn.Module) -> int:
+    """Prepack the linear layers of a CPU float32 model for oneDNN (in place).
+
+    Every ``nn.Linear`` becomes a `PrepackedLinear`; the distilled draft's
+    ``SubsetLMHead`` (`ouroboros.models`) is switched to a prepacked variant. Returns how many
+    layers were converted (0 when `prepacking_available` is False: on a GPU, in another
+    dtype, or without oneDNN). Parameters, their names and tied weights are unchanged.
+    Inference only: the packed copies do not follow later changes of the weights, nor
+    ``model.to(...)``.
     """
     if not prepacking_available(model):
         return 0
+    subset_head, prepacked_subset_head = _subset_head_type()
     replaced = 0
     for module in list(model.modules()):
+        if subset_head is not None and type(module) is subset_head:
+            module.__class__ = prepacked_subset_head
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            replaced += 1
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, PrepackedLinear(child))

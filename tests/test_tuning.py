@@ -3,6 +3,7 @@ cheap real measurement on tiny models, the cache, and prepacked CPU linear layer
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -230,3 +231,20 @@ def test_choose_num_threads_sets_the_faster_count():
             choose_num_threads(model, (0,))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_prepacked_subset_head_matches_the_original():
+    from ouroboros.models import SubsetLMHead
+
+    generator = torch.Generator().manual_seed(0)
+    token_ids = torch.randperm(48, generator=generator)[:20].sort().values
+    head = SubsetLMHead(torch.randn(20, 64, generator=generator), token_ids, 48)
+    model = torch.nn.Sequential(head)
+    model.config = None
+    hidden = torch.randn(2, 5, 64, generator=generator)
+    expected = head(hidden)
+    assert prepack_linear_weights(model) == 1
+    assert type(head).__name__ == "PrepackedSubsetLMHead" and isinstance(head, SubsetLMHead)
+    torch.testing.assert_close(head(hidden), expected, rtol=1e-5, atol=1e-5)
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied[0](hidden), expected, rtol=1e-5, atol=1e-5)
