@@ -297,14 +297,17 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     elif not args.no_tune:
         choose_num_threads(target)
-    config = tuned_config(target, draft, tokenizer, method=args.method,
+    prompts = DEMO_PROMPTS[:args.prompts]
+    # The draft's agreement (which sizes the trees) is measured on a sample of this workload.
+    sample = [encode_prompt(tokenizer, kind, text) for kind, text in prompts[:2]]
+    config = tuned_config(target, draft, tokenizer, method=args.method, prompts=sample,
                           tune=False if args.no_tune else None, progress=True, **overrides)
     device = next(target.parameters()).device
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"[ouroboros] ready in {time.perf_counter() - start:.1f} s on {device}{threads}; "
           f"{args.method} configuration: {_describe(config)}", file=sys.stderr, flush=True)
-    rows = run_demo(target, draft, tokenizer, config, DEMO_PROMPTS[:args.prompts],
-                    args.max_new_tokens, stream=not args.no_stream)
+    rows = run_demo(target, draft, tokenizer, config, prompts, args.max_new_tokens,
+                    stream=not args.no_stream)
     print()
     print(format_table(rows, args.method))
     if all(row.identical for row in rows):
