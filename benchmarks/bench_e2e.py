@@ -198,7 +198,7 @@ def describe(config: OuroborosConfig) -> str:
 
 
 def engine_configs(target, draft, tokenizer, tune: bool, overrides: dict,
-                   prompts: list[list[int]] | None = None,
+                   prompts: list[list[int]] | None = None, refresh: bool = False,
                    progress: bool = True) -> dict[str, OuroborosConfig]:
     """Configurations of the engine methods (tuned for the device unless ``tune`` is
     False; the draft's agreement measured on ``prompts`` when given); ``overrides`` apply
@@ -206,7 +206,8 @@ def engine_configs(target, draft, tokenizer, tune: bool, overrides: dict,
     from ouroboros.tuning import choose_from, measure
 
     if tune:
-        measurements = measure(target, draft, tokenizer, prompts=prompts, progress=progress)
+        measurements = measure(target, draft, tokenizer, prompts=prompts, refresh=refresh,
+                               progress=progress)
         speculative = choose_from(measurements, "speculative")
         lookahead = choose_from(measurements, "lookahead")
         ouroboros = choose_from(measurements, "ouroboros", **overrides)
@@ -573,7 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompts = prompt_set(set_name, set_sizes[set_name], tokenizer)
         set_sizes[set_name] = len(prompts)
         sample = [ids for _, ids in prompts[:2]] if args.calibrate == "set" else None
-        configs = engine_configs(target, draft, tokenizer, not args.no_tune, overrides, sample)
+        # The cost curves are measured afresh once per run (they depend on the machine's
+        # state); α per set.
+        configs = engine_configs(target, draft, tokenizer, not args.no_tune, overrides, sample,
+                                 refresh=set_name == args.sets[0])
         if not args.no_tune:
             from ouroboros.tuning import measure
 
