@@ -418,10 +418,10 @@ def distill_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logits: torc
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500
-    batch_size: int = 16
+    steps: int = 2000
+    batch_size: int = 8
     seq_len: int = 256
-    lr: float = 2e-3
+    lr: float = 1.5e-3
     min_lr_ratio: float = 0.1
     warmup: int = 60
     weight_decay: float = 0.01
@@ -1146,14 +1146,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="dtype of the target while making training data (eval data: float32)")
     parser.add_argument("--topk", type=int, default=8, help="teacher logits kept per position")
     # generate
-    parser.add_argument("--minutes", type=float, default=30, help="time budget of this stage")
-    parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--minutes", type=float, default=36,
+                        help="time budget of this stage (generate, label, eval-data)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt", type=int, default=320)
     # label
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--label-minutes", type=float, default=8)
-    parser.add_argument("--label-batch-size", type=int, default=8)
+    parser.add_argument("--label-minutes", type=float, default=12, help="label budget (all)")
+    parser.add_argument("--label-batch-size", type=int, default=4)
     # model
     parser.add_argument("--hidden-size", type=int, default=DraftConfig.hidden_size)
     parser.add_argument("--layers", type=int, default=DraftConfig.num_layers)
