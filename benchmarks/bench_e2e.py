@@ -46,6 +46,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -268,9 +269,11 @@ class Totals:
     time_pool: float = 0.0
     time_engine_total: float = 0.0
     engine_stats: dict = field(default_factory=dict)  # every GenerationStats counter, summed
+    per_prompt_seconds: list[float] = field(default_factory=list)
 
     def add(self, run: Run, reference: list[int], label: str) -> None:
         self.seconds += run.seconds
+        self.per_prompt_seconds.append(run.seconds)
         self.tokens += len(run.tokens)
         self.prompts += 1
         if run.target_passes is None:
@@ -299,6 +302,12 @@ class Totals:
         if not self.passes_known or not self.target_passes:
             return None
         return self.tokens / self.target_passes
+
+    def median_speedup(self, greedy: Totals) -> float:
+        """Median over prompts of greedy's time / this method's time: insensitive to a
+        burst of load on a shared machine hitting one prompt's run."""
+        return statistics.median(g / m for g, m in zip(greedy.per_prompt_seconds,
+                                                       self.per_prompt_seconds, strict=True))
 
     def breakdown(self) -> str:
         """Shares of the engine's time: draft / verify / pool / other."""
@@ -399,15 +408,17 @@ def markdown(results: dict[str, dict[str, Totals]], set_methods: dict[str, list[
                    and not m.name.startswith("no_") and m.name != "ouroboros_warm"]
         if configs:
             lines += ["Configurations: " + "; ".join(configs) + ".", ""]
-        lines += ["| method | tokens/s | speed-up vs greedy | tokens per target pass | "
-                  "identical to greedy | time: draft / verify / pool / other |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| method | tokens/s | speed-up vs greedy | median per-prompt speed-up | "
+                  "tokens per target pass | identical to greedy | time: draft / verify / pool / "
+                  "other |",
+                  "|---|---|---|---|---|---|---|"]
         for method in methods:
             t = totals[method.name]
             per_pass = f"{t.tokens_per_pass:.2f}" if t.tokens_per_pass else "-"
             exact = f"{t.exact}/{t.prompts}" + ("" if t.exact == t.prompts else " **MISMATCH**")
             lines.append(f"| {method_label(method.name, method.config)} | "
-                         f"{t.tokens_per_second:.1f} | {base / t.seconds:.2f}x | {per_pass} | "
+                         f"{t.tokens_per_second:.1f} | {base / t.seconds:.2f}x | "
+                         f"{t.median_speedup(totals['greedy']):.2f}x | {per_pass} | "
                          f"{exact} | {t.breakdown() or '-'} |")
         lines.append("")
     return "\n".join(lines)
@@ -630,7 +641,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average at start {load_start[0]:.1f} / end {load_end[0]:.1f} (1-min; the "
         f"machine may be shared: absolute tokens/s are noisy, the interleaving keeps the "
         f"ratios fair)",
-        "speed-up: total time of greedy / total time of the method, prefill included; "
+        "speed-up: total time of greedy / total time of the method, prefill included (the "
+        "median of the per-prompt ratios beside it shrugs off a burst of load hitting one "
+        "run); "
         "tokens per target pass: new tokens / target forward passes (transformers' methods: "
         "every forward call of the target, whose prefill yields the first token; the "
         "engine: verification passes)",

@@ -123,6 +123,7 @@ def test_rotation_and_totals(bench):
     assert calls[:3] == ["greedy", "fast", "bad"] and calls[3:6] == ["fast", "bad", "greedy"]
     assert totals["fast"].exact == 3 and totals["fast"].tokens_per_second == 16.0
     assert totals["fast"].tokens_per_pass == 1.0
+    assert totals["fast"].median_speedup(totals["greedy"]) == 2.0
     assert totals["bad"].mismatches == ["a", "b", "c"]
     assert bench.first_mismatch([1, 2, 9], [1, 2, 3, 4]) == 2
     assert bench.evenly_spaced(4, 0, 82) == [0, 20, 41, 61]
