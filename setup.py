@@ -16,7 +16,9 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 def _extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: torch's build helper picks the standard its headers need (C++20 for
+    # torch >= 2.10, which warns under -std=c++17).
+    cxx_flags = ["-O3"]
     force_cpu = os.environ.get("OUROBOROS_FORCE_CPU", "0") == "1"
     if torch.version.cuda is not None and CUDA_HOME is not None and not force_cpu:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
@@ -26,7 +28,7 @@ def _extension():
             "ouroboros_kernels._C",
             cpp_sources + cuda_sources,
             define_macros=[("OUROBOROS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     why = ("OUROBOROS_FORCE_CPU=1" if force_cpu else
            "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
