@@ -16,7 +16,6 @@ weights), or a model directory / .gguf file. Writes a markdown table to
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import os
 import platform
@@ -24,10 +23,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import LlamaForCausalLM
 
 from ouroboros import OuroborosConfig, OuroborosDecoder
-from ouroboros.models import load_draft, load_model, load_target
+from ouroboros.models import load_draft, load_model, load_target, truncated_draft
 
 PRESET_NAMES = ("greedy", "speculative", "lookahead", "ouroboros")
 
@@ -46,20 +44,6 @@ def parse_variant(text: str) -> tuple[str, OuroborosConfig]:
     return label, OuroborosConfig.preset(preset, **overrides)
 
 
-def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
-    config = copy.deepcopy(target.config)
-    config.num_hidden_layers = num_layers
-    with torch.device("meta"):
-        draft = LlamaForCausalLM(config)
-    draft.model.embed_tokens = target.model.embed_tokens
-    draft.model.layers = torch.nn.ModuleList(target.model.layers[:num_layers])
-    draft.model.norm = target.model.norm
-    draft.model.rotary_emb = target.model.rotary_emb
-    draft.lm_head = target.lm_head
-    draft.generation_config = copy.deepcopy(target.generation_config)
-    return draft.eval()
-
-
 def make_draft(spec: str, target):
     if spec == "distilled" or spec.startswith("distilled:"):
         path = spec.partition(":")[2] or None
@@ -67,7 +51,7 @@ def make_draft(spec: str, target):
             f"distilled draft ({path or 'shipped with the package'})"
     if spec.startswith("layers:"):
         n = int(spec.split(":", 1)[1])
-        return first_layers_draft(target, n), f"target's first {n} of " \
+        return truncated_draft(target, n), f"target's first {n} of " \
             f"{target.config.num_hidden_layers} layers + its head (shared weights)"
     return load_model(spec, device="cpu", dtype="float32", progress=False), spec
 

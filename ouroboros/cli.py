@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
-__all__ = ["COMMAND_MODULES", "main", "register_command"]
+__all__ = ["COMMAND_MODULES", "TextStream", "main", "register_command"]
 
 # Modules that register extra commands when imported (missing ones are skipped).
 COMMAND_MODULES = ("ouroboros.demo",)
@@ -98,8 +98,11 @@ def _load(path: str, device, dtype):
     return load_pretrained(path, device=device, dtype=dtype, progress=True)
 
 
-class _TextStreamer:
-    """Prints the decoded text of the new tokens as chunks arrive."""
+class TextStream:
+    """Writes the decoded text of token chunks as they arrive (whole characters only).
+
+    Called with ``list[int]`` chunks (the engine's streamer callback); `for_transformers`
+    wraps it for ``generate(streamer=...)``."""
 
     def __init__(self, tokenizer, out) -> None:
         self.tokenizer, self.out = tokenizer, out
@@ -107,7 +110,7 @@ class _TextStreamer:
         self.printed = 0
 
     def __call__(self, chunk: list[int]) -> None:
-        self.tokens += chunk
+        self.tokens += list(chunk)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
             return
@@ -115,7 +118,7 @@ class _TextStreamer:
         self.out.flush()
         self.printed = len(text)
 
-    def finish(self) -> None:
+    def end(self) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         self.out.write(text[self.printed:] + "\n")
         self.out.flush()
@@ -144,14 +147,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     device = next(target.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
     decoder = OuroborosDecoder(target, draft, config)
-    streamer = None if args.no_stream else _TextStreamer(tokenizer, sys.stdout)
+    streamer = None if args.no_stream else TextStream(tokenizer, sys.stdout)
     result = decoder.generate(input_ids, args.max_new_tokens,
                               temperature=args.temperature or None, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, streamer=streamer)
     if streamer is None:
         print(tokenizer.decode(result.new_tokens, skip_special_tokens=True))
     else:
-        streamer.finish()
+        streamer.end()
     print(f"[{config.name}] {result.stats.summary()}", file=sys.stderr)
     return 0
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ouroboros.cli import register_command
+from ouroboros.cli import TextStream, register_command
 
 __all__ = ["DEMO_PROMPTS", "DemoRow", "run_demo"]
 
@@ -65,32 +65,6 @@ class DemoRow:
     @property
     def speedup(self) -> float:
         return self.greedy_seconds / self.method_seconds
-
-
-class TextStream:
-    """Writes the decoded text of token chunks as they arrive (whole characters only).
-
-    Called with ``list[int]`` chunks (the engine's streamer callback); `for_transformers`
-    wraps it for ``generate(streamer=...)``."""
-
-    def __init__(self, tokenizer, out) -> None:
-        self.tokenizer, self.out = tokenizer, out
-        self.tokens: list[int] = []
-        self.printed = 0
-
-    def __call__(self, chunk: list[int]) -> None:
-        self.tokens += list(chunk)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more tokens
-            return
-        self.out.write(text[self.printed:])
-        self.out.flush()
-        self.printed = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.out.write(text[self.printed:] + "\n")
-        self.out.flush()
 
 
 class _TransformersStreamer:

@@ -684,7 +684,21 @@ def choose_from(measurements: Measurements, method: str = "ouroboros",
 # ============================================================================ CPU kernels
 
 
-class PrepackedLinear(nn.Module):
+class _RepackOnUnpickle:
+    """The packed weight (``self.packed``) is opaque (no storage): copies and pickles carry
+    ``self.weight`` only and pack it again."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("packed", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+
+class PrepackedLinear(_RepackOnUnpickle, nn.Module):
     """An ``nn.Linear`` whose weight is also kept in oneDNN's blocked layout (CPU).
 
     ``forward(x: [..., in_features]) -> [..., out_features]`` in the weight's dtype, computed
@@ -703,17 +717,6 @@ class PrepackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}, prepacked"
-
-    # The packed tensor is opaque (no storage): copies and pickles carry the weight only
-    # and pack it again.
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("packed", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         bias = self.bias.detach() if self.bias is not None else None
@@ -735,19 +738,10 @@ def _subset_head_type():
     except ImportError:  # pragma: no cover - the models module always ships it
         return None, None
 
-    class PrepackedSubsetLMHead(SubsetLMHead):
+    class PrepackedSubsetLMHead(_RepackOnUnpickle, SubsetLMHead):
         """`SubsetLMHead` whose subset weight is also kept in oneDNN's layout (see
         `PrepackedLinear`); same ``forward`` contract: full-vocabulary logits, the lowest
         finite value outside the subset."""
-
-        def __getstate__(self) -> dict:
-            state = self.__dict__.copy()
-            state.pop("packed", None)
-            return state
-
-        def __setstate__(self, state: dict) -> None:
-            self.__dict__.update(state)
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
 
         def forward(self, hidden: torch.Tensor) -> torch.Tensor:
             scores = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none",

@@ -3,35 +3,18 @@ token-for-token its own ``generate(do_sample=False)`` output on HumanEval prompt
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from engine_models import single_thread  # noqa: F401  (a fixture)
-from transformers import LlamaForCausalLM
 
 from ouroboros import OuroborosConfig, OuroborosDecoder
+from ouroboros.models import truncated_draft
 
 # One intra-op thread: on a shared 2-core machine two threads spin-wait on each other and run
 # an order of magnitude slower; on an idle one they gain less than 2x.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 NEW_TOKENS = 64
-
-
-def first_layers_draft(target: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
-    """A weak draft sharing the target's weights: its first layers, final norm and head."""
-    config = copy.deepcopy(target.config)
-    config.num_hidden_layers = num_layers
-    with torch.device("meta"):
-        draft = LlamaForCausalLM(config)
-    draft.model.embed_tokens = target.model.embed_tokens
-    draft.model.layers = torch.nn.ModuleList(target.model.layers[:num_layers])
-    draft.model.norm = target.model.norm
-    draft.model.rotary_emb = target.model.rotary_emb
-    draft.lm_head = target.lm_head
-    draft.generation_config = copy.deepcopy(target.generation_config)
-    return draft.eval()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def test_smollm2_greedy_is_exact(smollm2_engine, case):
     index, draft_kind, config = case
     draft = {"target": model, "layers4": None, None: None}[draft_kind]
     if draft_kind == "layers4":
-        draft = first_layers_draft(model, 4)
+        draft = truncated_draft(model, 4)
     result = OuroborosDecoder(model, draft, config).generate(prompts[index], NEW_TOKENS)
     expected = references[index]
     assert result.sequences.tolist() == expected.tolist()
