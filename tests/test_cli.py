@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from engine_models import greedy_reference, single_thread, tiny_llama  # noqa: F401
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from engine_models import greedy_reference, single_thread, tiny_llama, word_tokenizer  # noqa: F401
 
 from ouroboros.cli import build_parser, main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = [f"w{i}" for i in range(45)]
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama (vocab 48) with a word-level tokenizer: <pad>=0, <s>=1, </s>=2."""
     folder = tmp_path_factory.mktemp("tiny")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
+    tokenizer = word_tokenizer(48)
     tokenizer.save_pretrained(folder)
     tiny_llama(0).save_pretrained(folder)
     return folder, tokenizer

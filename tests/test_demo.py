@@ -4,16 +4,13 @@ exercised by the set-up command, which runs the demo)."""
 from __future__ import annotations
 
 import pytest
-from engine_models import perturbed, single_thread, tiny_llama  # noqa: F401
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from engine_models import perturbed, single_thread, tiny_llama, word_tokenizer  # noqa: F401
 
 from ouroboros.cli import build_parser, main
 from ouroboros.demo import DEMO_PROMPTS, DemoRow, encode_prompt, format_table
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WORDS = [f"w{i}" for i in range(45)]
 CHAT_TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
                  "{% if add_generation_prompt %} w3{% endif %}")
 
@@ -23,12 +20,7 @@ def pair_dirs(tmp_path_factory):
     """A tiny target and a perturbed draft (vocab 48, word-level tokenizer with a chat
     template)."""
     root = tmp_path_factory.mktemp("demo")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                        bos_token="<s>", eos_token="</s>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = word_tokenizer(48, CHAT_TEMPLATE)
     target = tiny_llama(0)
     for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
         tokenizer.save_pretrained(root / name)
