@@ -6,8 +6,17 @@
 //   clock    int64 [1]        stamps handed out so far (lives on the device: no host sync)
 // V = vocabulary size (keys are token ids in [0, V)), W = capacity (slots per key),
 // L = phrase length. Invariant: the non-empty phrases of one key are distinct.
+// On the CPU, phrases and stamps may be strided by key (each key's row contiguous, rows
+// not overlapping): CandidatePool keeps one record per key in one buffer and passes views.
+// CUDA requires contiguous tensors.
 //
-// pool_insert(phrases, stamps, clock, keys int64[M], new_phrases int32|int64[M, L])
+// first_tokens (optional last argument of pool_insert / pool_refine; CPU only; None on
+// CUDA): int32 [V, W], a derived index holding phrases[:, :, 0] (-1 for empty slots). When
+// given, the duplicate search reads it instead of the phrase rows, and the op keeps it
+// equal to phrases[:, :, 0]. A CPU op called without it bumps the version counter of the
+// state it wrote, so the owner of an index can notice and rebuild it.
+//
+// pool_insert(phrases, stamps, clock, keys int64[M], new_phrases int32|int64[M, L], first_tokens?)
 //   Entries are applied in index order; entry i gets stamp clock + i + 1 and the clock
 //   advances by M after the batch (so recency across keys is the sequential one).
 //   A phrase already under its key gets the new stamp (becomes the most recent);
@@ -21,7 +30,8 @@
 //   The same, written into caller-provided contiguous int32 tensors of exactly those shapes
 //   on the pool's device (no allocation: a caller can reuse them every step). Not a
 //   registered op; the Python wrapper uses it for lookup(..., out=...).
-// pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L])
+// pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L],
+//             first_tokens?)
 //   Entries are applied in index order. The phrase in (key, slot) is overwritten and keeps
 //   its stamp; if the new phrase already sits in another non-empty slot of that key, the
 //   refined slot is emptied instead (stamp 0, phrase -1s). Refining an empty slot is a no-op.
@@ -61,7 +71,8 @@ void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_count
 
 // CPU implementations (pool_cpu.cpp).
 void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                     const at::Tensor& keys, const at::Tensor& new_phrases);
+                     const at::Tensor& keys, const at::Tensor& new_phrases,
+                     const c10::optional<at::Tensor>& first_tokens);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
                                                                const at::Tensor& stamps,
                                                                const at::Tensor& keys, int64_t k);
@@ -69,12 +80,14 @@ void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                          at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                     const at::Tensor& slots, const at::Tensor& new_phrases);
+                     const at::Tensor& slots, const at::Tensor& new_phrases,
+                     const c10::optional<at::Tensor>& first_tokens);
 
 #ifdef OUROBOROS_WITH_CUDA
 // CUDA implementations (pool_cuda.cu).
 void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                      const at::Tensor& keys, const at::Tensor& new_phrases);
+                      const at::Tensor& keys, const at::Tensor& new_phrases,
+                      const c10::optional<at::Tensor>& first_tokens);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
                                                                 const at::Tensor& stamps,
                                                                 const at::Tensor& keys, int64_t k);
@@ -82,7 +95,8 @@ void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
                           const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                           at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                      const at::Tensor& slots, const at::Tensor& new_phrases);
+                      const at::Tensor& slots, const at::Tensor& new_phrases,
+                      const c10::optional<at::Tensor>& first_tokens);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
 int64_t cuda_runtime_build_version();
 #endif

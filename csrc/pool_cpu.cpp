@@ -18,6 +18,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace ouroboros {
 
 // ---------------------------------------------------------------- argument checks
@@ -110,6 +114,72 @@ void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_count
 
 namespace {
 
+// The CPU state may be strided by key: phrases [V, W, L] with strides (sp, L, 1) and stamps
+// [V, W] with strides (ss, 1), so that CandidatePool can keep one record per key in a single
+// buffer (stamps, first tokens and phrases of a key adjacent in memory; see pool.py) and
+// pass views of it. An optional index first_tokens int32 [V, W] (strides (si, 1)) holds the
+// first token of every slot (-1 when empty); when given, the ops use it for the duplicate
+// search and keep it up to date.
+struct CpuState {
+  int32_t* phrases;
+  int64_t* stamps;
+  int32_t* firsts;  // nullptr: no index
+  int64_t sp, ss, si;  // per-key strides in elements
+  int64_t V, W, L;
+  int32_t* prow(int64_t key) const { return phrases + key * sp; }
+  int64_t* srow(int64_t key) const { return stamps + key * ss; }
+  int32_t* frow(int64_t key) const { return firsts + key * si; }
+};
+
+void check_row_strided(const at::Tensor& t, const char* name, int64_t row_elems) {
+  // Dense within a key (unit strides inside), any key stride that does not overlap rows.
+  bool inner_dense = true;
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    inner_dense = inner_dense && (t.size(d) == 1 || t.stride(d) == expected);
+    expected *= t.size(d);
+  }
+  TORCH_CHECK_VALUE(inner_dense && (t.size(0) <= 1 || t.stride(0) >= row_elems),
+                    name, ": each key's row must be contiguous (strides ", t.strides(), ")");
+}
+
+CpuState cpu_state(at::Tensor& phrases, at::Tensor& stamps,
+                   const c10::optional<at::Tensor>& first_tokens) {
+  TORCH_CHECK_TYPE(phrases.scalar_type() == at::kInt,
+                   "pool phrases: expected int32, got ", phrases.scalar_type());
+  TORCH_CHECK_TYPE(stamps.scalar_type() == at::kLong,
+                   "pool stamps: expected int64, got ", stamps.scalar_type());
+  TORCH_CHECK_VALUE(phrases.dim() == 3, "pool phrases: expected shape [V, W, L], got ",
+                    phrases.sizes());
+  TORCH_CHECK_VALUE(stamps.dim() == 2 && stamps.size(0) == phrases.size(0) &&
+                        stamps.size(1) == phrases.size(1),
+                    "pool stamps: expected shape [V, W] = [", phrases.size(0), ", ",
+                    phrases.size(1), "], got ", stamps.sizes());
+  TORCH_CHECK_VALUE(phrases.size(1) >= 1 && phrases.size(2) >= 1,
+                    "pool phrases: W and L must be >= 1, got ", phrases.sizes());
+  TORCH_CHECK_VALUE(stamps.device() == phrases.device(), "pool stamps: on ", stamps.device(),
+                    " but phrases on ", phrases.device());
+  const int64_t V = phrases.size(0), W = phrases.size(1), L = phrases.size(2);
+  check_row_strided(phrases, "pool phrases", W * L);
+  check_row_strided(stamps, "pool stamps", W);
+  CpuState st{phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), nullptr,
+              phrases.stride(0), stamps.stride(0), 0, V, W, L};
+  if (first_tokens.has_value() && first_tokens->defined()) {
+    const at::Tensor& f = *first_tokens;
+    TORCH_CHECK_TYPE(f.scalar_type() == at::kInt, "pool first_tokens: expected int32, got ",
+                     f.scalar_type());
+    TORCH_CHECK_VALUE(f.dim() == 2 && f.size(0) == V && f.size(1) == W,
+                      "pool first_tokens: expected shape [V, W] = [", V, ", ", W, "], got ",
+                      f.sizes());
+    TORCH_CHECK_VALUE(f.device() == phrases.device(), "pool first_tokens: on ", f.device(),
+                      " but phrases on ", phrases.device());
+    check_row_strided(f, "pool first_tokens", W);
+    st.firsts = f.data_ptr<int32_t>();
+    st.si = f.stride(0);
+  }
+  return st;
+}
+
 enum PhraseKind { kValid, kPadding, kInvalid };
 
 // Valid: every token in [0, 2**31). Padding: some token is -1 and none is invalid.
@@ -145,16 +215,44 @@ void check_phrase_row(const T* tokens, int64_t L, int64_t row) {
   }
 }
 
-// Whether every value of values[0 .. n) lies in [lo, hi] (vectorisable min/max).
+// One pass over a batch's tokens (or keys): whether any value is outside [-1, hi] (hi < 2**31
+// for tokens) and whether any is -1. Written as independent OR-accumulations of unsigned
+// arithmetic so that the compiler vectorises it (no data-dependent branch, no min/max chain).
+struct BatchScan {
+  bool out_of_range, has_padding;
+};
+
 template <typename T>
-inline bool all_in_range(const T* values, int64_t n, int64_t lo, int64_t hi) {
-  int64_t vmin = lo, vmax = hi;
+inline BatchScan scan_values(const T* values, int64_t n, int64_t hi) {
+  // u = v + 1 maps the allowed range [-1, hi] to [0, hi + 1]; -1 maps to 0.
+  const uint64_t bound = static_cast<uint64_t>(hi) + 1;
+  uint64_t above = 0, zero = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t v = static_cast<int64_t>(values[i]);
-    vmin = v < vmin ? v : vmin;
-    vmax = v > vmax ? v : vmax;
+    const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(values[i])) + 1;
+    above |= static_cast<uint64_t>(u > bound);
+    zero |= static_cast<uint64_t>(u == 0);
   }
-  return vmin >= lo && vmax <= hi;
+  return {above != 0, zero != 0};
+}
+
+// The same for phrase tokens (allowed: [-1, 2**31 - 1]) with shifts only, which SSE2
+// vectorises: u = v + 1 must be < 2**31 (u == 2**31, i.e. v == INT32_MAX, is flagged too
+// and left to the exact per-row check), and u - 1 has its top bit set iff u == 0 (v == -1)
+// or v was below -1 (flagged by the first test as well). The batch is fresh from the
+// caller, often not in cache: its lines are prefetched ahead of the scan.
+template <typename T>
+inline BatchScan scan_tokens(const T* values, int64_t n) {
+  uint64_t high = 0, minus_one = 0;
+  constexpr int64_t kAhead = 512 / sizeof(T);
+  for (int64_t i = 0; i < n; ++i) {
+#if defined(__GNUC__)
+    if ((i & (64 / sizeof(T) - 1)) == 0) __builtin_prefetch(values + i + kAhead);
+#endif
+    const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(values[i])) + 1;
+    high |= u >> 31;
+    minus_one |= (u - 1) >> 63;
+  }
+  return {high != 0, minus_one != 0};
 }
 
 inline void check_key_value(int64_t key, int64_t V, int64_t row) {
@@ -164,10 +262,9 @@ inline void check_key_value(int64_t key, int64_t V, int64_t row) {
 
 template <typename T>
 inline bool same_phrase(const int32_t* stored, const T* tokens, int64_t L) {
-  for (int64_t l = 0; l < L; ++l) {
-    if (stored[l] != static_cast<int32_t>(tokens[l])) return false;
-  }
-  return true;
+  bool same = true;
+  for (int64_t l = 0; l < L; ++l) same &= stored[l] == static_cast<int32_t>(tokens[l]);
+  return same;
 }
 
 template <typename T>
@@ -175,17 +272,38 @@ inline void store_phrase(int32_t* stored, const T* tokens, int64_t L) {
   for (int64_t l = 0; l < L; ++l) stored[l] = static_cast<int32_t>(tokens[l]);
 }
 
-// The occupied slot of a key that holds `phrase`, or -1. A branch-free pass marks the slots
-// whose first token matches (rarely more than one); only those are compared in full.
+// Bit w set for every w in [0, n) with row[w * stride] == value (n <= 64), branch-free. With
+// a unit stride (the first_tokens index) this is four-lane SSE2 compares.
+inline uint64_t match_mask(const int32_t* row, int64_t stride, int64_t n, int32_t value) {
+  uint64_t hits = 0;
+  int64_t w = 0;
+#if defined(__SSE2__)
+  if (stride == 1) {
+    const __m128i v = _mm_set1_epi32(value);
+    for (; w + 4 <= n; w += 4) {
+      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + w));
+      const int bits = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(x, v)));
+      hits |= static_cast<uint64_t>(bits) << w;
+    }
+  }
+#endif
+  for (; w < n; ++w) hits |= static_cast<uint64_t>(row[w * stride] == value) << w;
+  return hits;
+}
+
+// The occupied slot of a key that holds `phrase`, or -1. Candidates are the slots whose
+// first token matches (from the index when there is one, else a strided pass over the
+// phrases); only those are compared in full.
 template <typename T>
-inline int64_t find_phrase(const int32_t* prow, const int64_t* srow, const T* phrase,
-                           int64_t W, int64_t L) {
+inline int64_t find_phrase(const CpuState& st, int64_t key, const T* phrase) {
+  const int64_t W = st.W, L = st.L;
+  const int32_t* prow = st.prow(key);
+  const int64_t* srow = st.srow(key);
   const int32_t first = static_cast<int32_t>(phrase[0]);
   for (int64_t base = 0; base < W; base += 64) {
     const int64_t n = W - base < 64 ? W - base : 64;
-    const int32_t* column = prow + base * L;
-    uint64_t hits = 0;
-    for (int64_t w = 0; w < n; ++w) hits |= static_cast<uint64_t>(column[w * L] == first) << w;
+    uint64_t hits = st.firsts != nullptr ? match_mask(st.frow(key) + base, 1, n, first)
+                                         : match_mask(prow + base * L, L, n, first);
     while (hits != 0) {
       const int64_t w = base + __builtin_ctzll(hits);
       hits &= hits - 1;
@@ -197,75 +315,111 @@ inline int64_t find_phrase(const int32_t* prow, const int64_t* srow, const T* ph
 
 // Where a new phrase goes: the lowest empty slot, else the least recent one (lowest slot on
 // a tie). Empty slots have stamp 0, the smallest possible, so this is simply the arg-min of
-// (stamp, slot): one branch-free pass.
+// (stamp, slot). Four independent lanes shorten the compare/select chain; the lanes are
+// merged with ties going to the lower slot.
 inline int64_t slot_for_new_phrase(const int64_t* srow, int64_t W) {
-  int64_t target = 0, target_stamp = srow[0];
-  for (int64_t w = 1; w < W; ++w) {
+  if (W < 8) {
+    int64_t target = 0, target_stamp = srow[0];
+    for (int64_t w = 1; w < W; ++w) {
+      const int64_t s = srow[w];
+      target = s < target_stamp ? w : target;
+      target_stamp = s < target_stamp ? s : target_stamp;
+    }
+    return target;
+  }
+  int64_t best[4] = {0, 1, 2, 3};
+  int64_t low[4] = {srow[0], srow[1], srow[2], srow[3]};
+  int64_t w = 4;
+  for (; w + 4 <= W; w += 4) {
+    for (int j = 0; j < 4; ++j) {
+      const int64_t s = srow[w + j];
+      const bool less = s < low[j];
+      best[j] = less ? w + j : best[j];
+      low[j] = less ? s : low[j];
+    }
+  }
+  for (; w < W; ++w) {
+    const int j = static_cast<int>(w & 3);
     const int64_t s = srow[w];
-    target = s < target_stamp ? w : target;
-    target_stamp = s < target_stamp ? s : target_stamp;
+    const bool less = s < low[j];
+    best[j] = less ? w : best[j];
+    low[j] = less ? s : low[j];
+  }
+  int64_t target = best[0], target_stamp = low[0];
+  for (int j = 1; j < 4; ++j) {
+    const bool better = low[j] < target_stamp || (low[j] == target_stamp && best[j] < target);
+    target = better ? best[j] : target;
+    target_stamp = better ? low[j] : target_stamp;
   }
   return target;
 }
 
-// Rows of upcoming entries are prefetched: with a large vocabulary the pool (tens of MB)
-// does not fit in cache, and each insert would otherwise wait for its lines in turn.
+// The lines of upcoming entries' rows are prefetched: with a large vocabulary the pool
+// (tens of MB) does not fit in cache, and each entry would otherwise wait for its lines in
+// turn. With the index, a key's stamps and first tokens are what every entry reads (the
+// phrase row is then touched at one slot only); without it, the whole phrase row is.
 constexpr int64_t kPrefetchDistance = 6;
 
-inline void prefetch_row(const int32_t* phrases, const int64_t* stamps, int64_t key,
-                         const PoolDims& d) {
+inline void prefetch_lines(const void* start, int64_t bytes) {
 #if defined(__GNUC__)
-  if (key < 0 || key >= d.V) return;
-  const char* srow = reinterpret_cast<const char*>(stamps + key * d.W);
-  for (int64_t off = 0; off < d.W * 8; off += 64) __builtin_prefetch(srow + off, 1);
-  const char* prow = reinterpret_cast<const char*>(phrases + key * d.W * d.L);
-  for (int64_t off = 0; off < d.W * d.L * 4; off += 64) __builtin_prefetch(prow + off, 1);
+  const char* p = static_cast<const char*>(start);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 1);
 #endif
 }
 
+inline void prefetch_key(const CpuState& st, int64_t key) {
+  if (key < 0 || key >= st.V) return;
+  prefetch_lines(st.srow(key), st.W * 8);
+  if (st.firsts != nullptr) {
+    prefetch_lines(st.frow(key), st.W * 4);
+  } else {
+    prefetch_lines(st.prow(key), st.W * st.L * 4);
+  }
+}
+
 template <typename T>
-void insert_impl(int32_t* phrases, int64_t* stamps, int64_t* clock, const int64_t* keys,
-                 const T* tokens, int64_t M, const PoolDims& d) {
-  const int64_t W = d.W, L = d.L;
-  // Validate everything first so that a bad batch changes nothing: one branch-free pass
+void insert_impl(const CpuState& st, int64_t* clock, const int64_t* keys, const T* tokens,
+                 int64_t M) {
+  const int64_t W = st.W, L = st.L;
+  // Validate everything first so that a bad batch changes nothing: one vectorisable pass
   // over keys and tokens, and the row-by-row search for the culprit only if it fails.
-  if (!all_in_range(keys, M, -1, d.V - 1) ||
-      !all_in_range(tokens, M * L, -1, std::numeric_limits<int32_t>::max())) {
+  const BatchScan key_scan = scan_values(keys, M, st.V - 1);
+  const BatchScan token_scan = scan_tokens(tokens, M * L);
+  if (key_scan.out_of_range || token_scan.out_of_range) {
     for (int64_t i = 0; i < M; ++i) {
-      check_key_value(keys[i], d.V, i);
+      check_key_value(keys[i], st.V, i);
       check_phrase_row(tokens + i * L, L, i);
     }
   }
+  const bool padding = key_scan.has_padding || token_scan.has_padding;
   const int64_t base = clock[0];
-  for (int64_t i = 0; i < M && i < kPrefetchDistance; ++i) {
-    prefetch_row(phrases, stamps, keys[i], d);
-  }
+  for (int64_t i = 0; i < M && i < kPrefetchDistance; ++i) prefetch_key(st, keys[i]);
   for (int64_t i = 0; i < M; ++i) {
-    if (i + kPrefetchDistance < M) prefetch_row(phrases, stamps, keys[i + kPrefetchDistance], d);
+    if (i + kPrefetchDistance < M) prefetch_key(st, keys[i + kPrefetchDistance]);
     const int64_t key = keys[i];
     const T* phrase = tokens + i * L;
-    if (key < 0 || phrase_kind(phrase, L) != kValid) continue;  // padding
+    if (padding && (key < 0 || phrase_kind(phrase, L) != kValid)) continue;
     const int64_t stamp = base + i + 1;
-    int64_t* srow = stamps + key * W;
-    int32_t* prow = phrases + key * W * L;
-    int64_t target = find_phrase(prow, srow, phrase, W, L);
+    int64_t* srow = st.srow(key);
+    int64_t target = find_phrase(st, key, phrase);
     if (target >= 0) {  // already there: becomes the most recent
       srow[target] = stamp;
       continue;
     }
     target = slot_for_new_phrase(srow, W);
     srow[target] = stamp;
-    store_phrase(prow + target * L, phrase, L);
+    store_phrase(st.prow(key) + target * L, phrase, L);
+    if (st.firsts != nullptr) st.frow(key)[target] = static_cast<int32_t>(phrase[0]);
   }
   clock[0] = base + M;
 }
 
 template <typename S, typename T>
-void refine_impl(int32_t* phrases, int64_t* stamps, const int64_t* keys, const S* slots,
-                 const T* tokens, int64_t M, const PoolDims& d) {
-  const int64_t W = d.W, L = d.L;
+void refine_impl(const CpuState& st, const int64_t* keys, const S* slots, const T* tokens,
+                 int64_t M) {
+  const int64_t W = st.W, L = st.L;
   for (int64_t i = 0; i < M; ++i) {
-    check_key_value(keys[i], d.V, i);
+    check_key_value(keys[i], st.V, i);
     const int64_t slot = static_cast<int64_t>(slots[i]);
     TORCH_CHECK_VALUE(slot >= -1 && slot < W, "slots: entry ", i, " is ", slot,
                       " (slots must be in [0, ", W, "), or -1 to mark padding)");
@@ -276,8 +430,8 @@ void refine_impl(int32_t* phrases, int64_t* stamps, const int64_t* keys, const S
     const int64_t slot = static_cast<int64_t>(slots[i]);
     const T* phrase = tokens + i * L;
     if (key < 0 || slot < 0 || phrase_kind(phrase, L) != kValid) continue;  // padding
-    int64_t* srow = stamps + key * W;
-    int32_t* prow = phrases + key * W * L;
+    int64_t* srow = st.srow(key);
+    int32_t* prow = st.prow(key);
     if (srow[slot] == 0) continue;  // refining an empty slot is a no-op
     bool duplicate = false;
     for (int64_t w = 0; w < W && !duplicate; ++w) {
@@ -286,39 +440,18 @@ void refine_impl(int32_t* phrases, int64_t* stamps, const int64_t* keys, const S
     if (duplicate) {
       srow[slot] = 0;
       for (int64_t l = 0; l < L; ++l) prow[slot * L + l] = -1;
+      if (st.firsts != nullptr) st.frow(key)[slot] = -1;
     } else {
       store_phrase(prow + slot * L, phrase, L);
+      if (st.firsts != nullptr) st.frow(key)[slot] = static_cast<int32_t>(phrase[0]);
     }
   }
 }
 
-}  // namespace
-
-void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                     const at::Tensor& keys, const at::Tensor& new_phrases) {
-  const PoolDims d = check_state(phrases, stamps);
-  check_clock(clock, phrases);
-  const at::Tensor keys_c = checked_keys(keys, phrases);
-  const int64_t M = keys_c.size(0);
-  check_new_phrases(new_phrases, M, d.L, phrases);
-  const at::Tensor tokens_c = new_phrases.contiguous();
-  if (tokens_c.scalar_type() == at::kInt) {
-    insert_impl(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
-                clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
-                tokens_c.data_ptr<int32_t>(), M, d);
-  } else {
-    insert_impl(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
-                clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
-                tokens_c.data_ptr<int64_t>(), M, d);
-  }
-}
-
-namespace {
-
 // Lookup of keys[0 .. M) into op [M, k, L], oc [M], os [M, k] (keys already range-checked).
-void lookup_fill(const int32_t* pp, const int64_t* sp, const int64_t* key_ptr, int64_t M,
-                 int64_t k, const PoolDims& d, int32_t* op, int32_t* oc, int32_t* os) {
-  const int64_t W = d.W, L = d.L;
+void lookup_fill(const CpuState& st, const int64_t* key_ptr, int64_t M, int64_t k,
+                 int32_t* op, int32_t* oc, int32_t* os) {
+  const int64_t W = st.W, L = st.L;
   // Occupied slots of a key, newest first; on the stack for the usual W <= 64.
   int32_t order_local[64];
   std::vector<int32_t> order_heap(W > 64 ? W : 0);
@@ -327,8 +460,8 @@ void lookup_fill(const int32_t* pp, const int64_t* sp, const int64_t* key_ptr, i
     const int64_t key = key_ptr[m];
     int64_t count = 0;
     if (key >= 0) {
-      const int64_t* srow = sp + key * W;
-      const int32_t* prow = pp + key * W * L;
+      const int64_t* srow = st.srow(key);
+      const int32_t* prow = st.prow(key);
       // Insertion sort by stamp descending while scanning slots in ascending order: equal
       // stamps are never moved past each other, so ties keep the lower slot first.
       int64_t occupied = 0;
@@ -357,34 +490,63 @@ void lookup_fill(const int32_t* pp, const int64_t* sp, const int64_t* key_ptr, i
 }
 
 // Checks shared by both lookup entry points; returns the keys as contiguous int64.
-at::Tensor checked_lookup_keys(const at::Tensor& phrases, const at::Tensor& stamps,
-                               const at::Tensor& keys, int64_t k, PoolDims* d) {
-  *d = check_state(phrases, stamps);
+at::Tensor checked_lookup_keys(const CpuState& st, const at::Tensor& phrases,
+                               const at::Tensor& keys, int64_t k) {
   at::Tensor keys_c = checked_keys(keys, phrases);
   TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
   const int64_t M = keys_c.size(0);
   const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
-  if (!all_in_range(key_ptr, M, -1, d->V - 1)) {
-    for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], d->V, m);
+  if (scan_values(key_ptr, M, st.V - 1).out_of_range) {
+    for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], st.V, m);
   }
   return keys_c;
 }
 
+// An op called without the first_tokens index bumps the version counter of the state it
+// wrote (as ATen's in-place ops do), so that the owner of an index over the same state
+// (CandidatePool) notices the write and rebuilds it. With the index the owner is the
+// caller, and nothing is bumped (a bump would make it rebuild for nothing).
+void note_write_without_index(const CpuState& st, at::Tensor& phrases, at::Tensor& stamps) {
+  if (st.firsts != nullptr) return;
+  for (at::Tensor* t : {&phrases, &stamps}) {
+    if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
+}
+
 }  // namespace
+
+void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
+                     const at::Tensor& keys, const at::Tensor& new_phrases,
+                     const c10::optional<at::Tensor>& first_tokens) {
+  const CpuState st = cpu_state(phrases, stamps, first_tokens);
+  check_clock(clock, phrases);
+  const at::Tensor keys_c = checked_keys(keys, phrases);
+  const int64_t M = keys_c.size(0);
+  check_new_phrases(new_phrases, M, st.L, phrases);
+  const at::Tensor tokens_c = new_phrases.contiguous();
+  if (tokens_c.scalar_type() == at::kInt) {
+    insert_impl(st, clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
+                tokens_c.data_ptr<int32_t>(), M);
+  } else {
+    insert_impl(st, clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
+                tokens_c.data_ptr<int64_t>(), M);
+  }
+  note_write_without_index(st, phrases, stamps);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
                                                                const at::Tensor& stamps,
                                                                const at::Tensor& keys,
                                                                int64_t k) {
-  PoolDims d;
-  const at::Tensor keys_c = checked_lookup_keys(phrases, stamps, keys, k, &d);
+  at::Tensor p = phrases, s = stamps;  // cpu_state takes mutable refs; lookup only reads
+  const CpuState st = cpu_state(p, s, c10::nullopt);
+  const at::Tensor keys_c = checked_lookup_keys(st, phrases, keys, k);
   const int64_t M = keys_c.size(0);
   auto opts = phrases.options();  // int32, CPU
-  at::Tensor out_phrases = at::empty({M, k, d.L}, opts);
+  at::Tensor out_phrases = at::empty({M, k, st.L}, opts);
   at::Tensor out_counts = at::empty({M}, opts);
   at::Tensor out_slots = at::empty({M, k}, opts);
-  lookup_fill(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
-              keys_c.data_ptr<int64_t>(), M, k, d, out_phrases.data_ptr<int32_t>(),
+  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases.data_ptr<int32_t>(),
               out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
   return {out_phrases, out_counts, out_slots};
 }
@@ -392,38 +554,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor&
 void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                          at::Tensor& out_counts, at::Tensor& out_slots) {
-  PoolDims d;
-  const at::Tensor keys_c = checked_lookup_keys(phrases, stamps, keys, k, &d);
+  at::Tensor p = phrases, s = stamps;
+  const CpuState st = cpu_state(p, s, c10::nullopt);
+  const at::Tensor keys_c = checked_lookup_keys(st, phrases, keys, k);
   const int64_t M = keys_c.size(0);
-  check_lookup_out(out_phrases, out_counts, out_slots, M, k, d.L, phrases);
-  lookup_fill(phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(),
-              keys_c.data_ptr<int64_t>(), M, k, d, out_phrases.data_ptr<int32_t>(),
+  check_lookup_out(out_phrases, out_counts, out_slots, M, k, st.L, phrases);
+  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases.data_ptr<int32_t>(),
               out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
 }
 
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                     const at::Tensor& slots, const at::Tensor& new_phrases) {
-  const PoolDims d = check_state(phrases, stamps);
+                     const at::Tensor& slots, const at::Tensor& new_phrases,
+                     const c10::optional<at::Tensor>& first_tokens) {
+  const CpuState st = cpu_state(phrases, stamps, first_tokens);
   const at::Tensor keys_c = checked_keys(keys, phrases);
   const int64_t M = keys_c.size(0);
   check_slots(slots, M, phrases);
-  check_new_phrases(new_phrases, M, d.L, phrases);
+  check_new_phrases(new_phrases, M, st.L, phrases);
   const at::Tensor slots_c = slots.contiguous();
   const at::Tensor tokens_c = new_phrases.contiguous();
-  int32_t* pp = phrases.data_ptr<int32_t>();
-  int64_t* sp = stamps.data_ptr<int64_t>();
   const int64_t* kp = keys_c.data_ptr<int64_t>();
   const bool slots32 = slots_c.scalar_type() == at::kInt;
   const bool tokens32 = tokens_c.scalar_type() == at::kInt;
   if (slots32 && tokens32) {
-    refine_impl(pp, sp, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int32_t>(), M, d);
+    refine_impl(st, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int32_t>(), M);
   } else if (slots32) {
-    refine_impl(pp, sp, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int64_t>(), M, d);
+    refine_impl(st, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int64_t>(), M);
   } else if (tokens32) {
-    refine_impl(pp, sp, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int32_t>(), M, d);
+    refine_impl(st, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int32_t>(), M);
   } else {
-    refine_impl(pp, sp, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int64_t>(), M, d);
+    refine_impl(st, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int64_t>(), M);
   }
+  note_write_without_index(st, phrases, stamps);
 }
 
 }  // namespace ouroboros
@@ -433,13 +595,13 @@ void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& 
 TORCH_LIBRARY(ouroboros_kernels, m) {
   m.def(
       "pool_insert(Tensor(a!) phrases, Tensor(b!) stamps, Tensor(c!) clock, Tensor keys, "
-      "Tensor new_phrases) -> ()");
+      "Tensor new_phrases, Tensor(d!)? first_tokens=None) -> ()");
   m.def(
       "pool_lookup(Tensor phrases, Tensor stamps, Tensor keys, int k) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "pool_refine(Tensor(a!) phrases, Tensor(b!) stamps, Tensor keys, Tensor slots, "
-      "Tensor new_phrases) -> ()");
+      "Tensor new_phrases, Tensor(d!)? first_tokens=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ouroboros_kernels, CPU, m) {
@@ -460,11 +622,14 @@ namespace {
 }
 
 void insert_direct(at::Tensor phrases, at::Tensor stamps, at::Tensor clock,
-                   const at::Tensor& keys, const at::Tensor& new_phrases) {
-  if (phrases.is_cpu()) return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases);
+                   const at::Tensor& keys, const at::Tensor& new_phrases,
+                   const c10::optional<at::Tensor>& first_tokens) {
+  if (phrases.is_cpu()) {
+    return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases, first_tokens);
+  }
 #ifdef OUROBOROS_WITH_CUDA
   if (phrases.is_cuda()) {
-    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases);
+    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases, first_tokens);
   }
 #endif
   unsupported_device(phrases);
@@ -497,11 +662,14 @@ void lookup_out_direct(const at::Tensor& phrases, const at::Tensor& stamps,
 }
 
 void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys,
-                   const at::Tensor& slots, const at::Tensor& new_phrases) {
-  if (phrases.is_cpu()) return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases);
+                   const at::Tensor& slots, const at::Tensor& new_phrases,
+                   const c10::optional<at::Tensor>& first_tokens) {
+  if (phrases.is_cpu()) {
+    return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases, first_tokens);
+  }
 #ifdef OUROBOROS_WITH_CUDA
   if (phrases.is_cuda()) {
-    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases);
+    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases, first_tokens);
   }
 #endif
   unsupported_device(phrases);
@@ -529,10 +697,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_version") = pybind11::none();
 #endif
   m.attr("torch_version") = torch_build_version();
-  m.def("pool_insert", &insert_direct, "Same as torch.ops.ouroboros_kernels.pool_insert");
+  namespace py = pybind11;
+  m.def("pool_insert", &insert_direct, "Same as torch.ops.ouroboros_kernels.pool_insert",
+        py::arg("phrases"), py::arg("stamps"), py::arg("clock"), py::arg("keys"),
+        py::arg("new_phrases"), py::arg("first_tokens") = py::none());
   m.def("pool_lookup", &lookup_direct, "Same as torch.ops.ouroboros_kernels.pool_lookup");
   m.def("pool_lookup_out", &lookup_out_direct,
         "pool_lookup written into caller-provided int32 tensors (phrases [M, k, L], "
         "counts [M], slots [M, k]); returns None");
-  m.def("pool_refine", &refine_direct, "Same as torch.ops.ouroboros_kernels.pool_refine");
+  m.def("pool_refine", &refine_direct, "Same as torch.ops.ouroboros_kernels.pool_refine",
+        py::arg("phrases"), py::arg("stamps"), py::arg("keys"), py::arg("slots"),
+        py::arg("new_phrases"), py::arg("first_tokens") = py::none());
 }

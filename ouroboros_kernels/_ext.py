@@ -48,7 +48,7 @@ def load_extension() -> ModuleType:
 def _register_fake_kernels() -> None:
     """Shape-only kernels so that torch.compile / export can trace the pool ops."""
 
-    def fake_insert(phrases, stamps, clock, keys, new_phrases):
+    def fake_insert(phrases, stamps, clock, keys, new_phrases, first_tokens=None):
         return None
 
     def fake_lookup(phrases, stamps, keys, k):
@@ -56,7 +56,7 @@ def _register_fake_kernels() -> None:
         return (phrases.new_empty((M, k, L)), phrases.new_empty((M,)),
                 phrases.new_empty((M, k)))
 
-    def fake_refine(phrases, stamps, keys, slots, new_phrases):
+    def fake_refine(phrases, stamps, keys, slots, new_phrases, first_tokens=None):
         return None
 
     for name, fn in (("pool_insert", fake_insert), ("pool_lookup", fake_lookup),

@@ -195,8 +195,9 @@ class CandidatePool:
         phrase_len: L, tokens per phrase (an n-gram of level N = L + 1 minus its key).
         device: where the state lives (default CPU). Every argument must be on it.
 
-    Memory: ``V * W * (4 * L + 8)`` bytes. On the CPU the state tensors are advised to
-    use transparent huge pages (keys are read at random across tens of MB).
+    Memory: about ``V * W * (4 * L + 12)`` bytes on the CPU (a key's record is padded to
+    64 bytes; it is advised to use transparent huge pages, since keys are read at random
+    across tens of MB), ``V * W * (4 * L + 8)`` on CUDA.
     """
 
     def __init__(self, vocab_size: int, capacity: int, phrase_len: int,
@@ -206,11 +207,48 @@ class CandidatePool:
         _require_int("phrase_len", phrase_len, 1)
         self._ops = _pool_ops()
         device = torch.device("cpu") if device is None else torch.device(device)
-        self._phrases = _state_tensor((vocab_size, capacity, phrase_len), torch.int32, device)
-        self._phrases.fill_(-1)
-        self._stamps = _state_tensor((vocab_size, capacity), torch.int64, device).zero_()
+        self._allocate(vocab_size, capacity, phrase_len, device)
+
+    @torch.inference_mode(False)
+    def _allocate(self, V: int, W: int, L: int, device: torch.device) -> None:
+        """Empty state on ``device`` (ordinary tensors, with version counters, even when
+        the pool is made under ``torch.inference_mode``).
+
+        On the CPU the state of one key is one record of a single buffer: its W stamps
+        (int64), an index of the W first tokens (int32, -1 = empty) and its W phrases
+        (int32 [W, L]), padded to a multiple of 64 bytes. An insert then reads one
+        contiguous run of cache lines per key (stamps and first tokens) and a single
+        phrase, instead of a stamps row and a whole phrase row in two distant tensors
+        (the insert is bound by cache misses; see benchmarks/bench_pool.py). The
+        documented state tensors are strided views of that buffer. On CUDA the state is
+        three contiguous tensors (the kernels there read them coalesced).
+        """
+        if device.type == "cpu":
+            row = -(-(3 * W + W * L) // 16) * 16  # int32 per key
+            record = _state_tensor((V, row), torch.int32, device)
+            record.fill_(-1)
+            self._record: torch.Tensor | None = record
+            self._stamps = record.view(torch.int64)[:, :W]
+            self._stamps.zero_()
+            self._first_tokens: torch.Tensor | None = record[:, 2 * W:3 * W]
+            self._phrases = record[:, 3 * W:3 * W + W * L].unflatten(1, (W, L))
+            self._index_version = record._version
+        else:
+            self._record = self._first_tokens = None
+            self._phrases = _state_tensor((V, W, L), torch.int32, device).fill_(-1)
+            self._stamps = _state_tensor((V, W), torch.int64, device).zero_()
         self._clock = torch.zeros(1, dtype=torch.int64, device=device)
         self._device = self._phrases.device  # normalised, e.g. cuda -> cuda:0
+
+    def _index(self) -> torch.Tensor | None:
+        """The first-token index (None on CUDA), rebuilt first if the state was written
+        from outside the pool's ops (through :meth:`state_dict` views: the buffer's
+        version counter moved; the ops themselves write through raw pointers)."""
+        record = self._record
+        if record is not None and record._version != self._index_version:
+            self._first_tokens.copy_(self._phrases[:, :, 0])
+            self._index_version = record._version
+        return self._first_tokens
 
     # ------------------------------------------------------------------ properties
 
@@ -232,9 +270,11 @@ class CandidatePool:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the state tensors."""
-        return sum(t.numel() * t.element_size() for t in (self._phrases, self._stamps,
-                                                             self._clock))
+        """Bytes held by the state (on the CPU including the first-token index and the
+        records' padding)."""
+        tensors = ((self._phrases, self._stamps) if self._record is None else
+                   (self._record,)) + (self._clock,)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
         return (f"CandidatePool(vocab_size={self.vocab_size}, capacity={self.capacity}, "
@@ -300,6 +340,15 @@ class CandidatePool:
             rows past ``counts`` are -1. Recency is not changed. With ``out``, ``out``
             itself (as a PoolLookup).
         """
+        if out.__class__ is PoolLookup and k.__class__ is int and not validate \
+                and not _is_compiling():
+            # The engine's per-step path, kept short: the op checks everything itself.
+            try:
+                self._ops.lookup_out(self._phrases, self._stamps, keys, k, *out)
+            except (TypeError, ValueError):
+                self._diagnose(keys, k=k)
+                raise
+            return out
         if validate:
             self._validate(keys, k=k, out=out)
         elif k.__class__ is not int:
@@ -343,11 +392,14 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, phrases=phrases)
+        index = self._index()
         try:
             if _is_compiling():
-                self._ops.insert_op(self._phrases, self._stamps, self._clock, keys, phrases)
+                self._ops.insert_op(self._phrases, self._stamps, self._clock, keys, phrases,
+                                    index)
             else:
-                self._ops.insert(self._phrases, self._stamps, self._clock, keys, phrases)
+                self._ops.insert(self._phrases, self._stamps, self._clock, keys, phrases,
+                                 index)
         except (TypeError, ValueError):
             self._diagnose(keys, phrases=phrases)
             raise
@@ -369,11 +421,12 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, slots=slots, phrases=phrases)
+        index = self._index()
         try:
             if _is_compiling():
-                self._ops.refine_op(self._phrases, self._stamps, keys, slots, phrases)
+                self._ops.refine_op(self._phrases, self._stamps, keys, slots, phrases, index)
             else:
-                self._ops.refine(self._phrases, self._stamps, keys, slots, phrases)
+                self._ops.refine(self._phrases, self._stamps, keys, slots, phrases, index)
         except (TypeError, ValueError):
             self._diagnose(keys, slots=slots, phrases=phrases)
             raise
@@ -398,23 +451,31 @@ class CandidatePool:
         if count <= 0:
             return
         phrases = tokens.unfold(0, L, 1)[1:]  # [count, L]: window t+1 .. t+L for key t
+        index = self._index()
         if _is_compiling():
             self._ops.insert_op(self._phrases, self._stamps, self._clock, tokens[:count],
-                                phrases)
+                                phrases, index)
         else:
-            self._ops.insert(self._phrases, self._stamps, self._clock, tokens[:count], phrases)
+            self._ops.insert(self._phrases, self._stamps, self._clock, tokens[:count], phrases,
+                             index)
 
     def clear(self) -> None:
         """Empty every slot and reset the clock (no reallocation)."""
         self._phrases.fill_(-1)
         self._stamps.zero_()
         self._clock.zero_()
+        if self._record is not None:
+            self._first_tokens.fill_(-1)
+            self._index_version = self._record._version
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The live state tensors (not copies): ``phrases`` int32 [V, W, L], ``stamps``
-        int64 [V, W], ``clock`` int64 [1]."""
+        int64 [V, W], ``clock`` int64 [1]. On the CPU ``phrases`` and ``stamps`` are
+        strided views of the pool's one buffer (not contiguous). Writing into them in
+        place is allowed (the pool notices and rebuilds its first-token index), but
+        :meth:`load_state_dict` is the checked way to set a state."""
         return {"phrases": self._phrases, "stamps": self._stamps, "clock": self._clock}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -423,17 +484,24 @@ class CandidatePool:
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict, got {type(state).__name__}")
         _validate_state(state, (self.vocab_size, self.capacity, self.phrase_len))
+        self._assign(state)
+
+    def _assign(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a validated state in (any device), then make the index agree."""
         self._phrases.copy_(state["phrases"])
         self._stamps.copy_(state["stamps"])
         self._clock.copy_(state["clock"])
+        self._index()
 
     def to(self, device: torch.device | str) -> CandidatePool:
         """Move the state to ``device`` (in place, like ``nn.Module.to``); returns self."""
         device = torch.device(device)
-        self._phrases = self._phrases.to(device)
-        self._stamps = self._stamps.to(device)
-        self._clock = self._clock.to(device)
-        self._device = self._phrases.device
+        if device.type == self._device.type and (device.index is None
+                                                 or device.index == self._device.index):
+            return self
+        state = self.state_dict()
+        self._allocate(self.vocab_size, self.capacity, self.phrase_len, device)
+        self._assign(state)
         return self
 
     def save(self, path: str | os.PathLike) -> None:
@@ -532,11 +600,9 @@ class CandidatePool:
             raise fail(str(err)) from err
         if _crc32(tensors) != crc:
             raise fail("checksum mismatch: the file is corrupt")
-        pool = cls(*dims, device="cpu")
-        pool._phrases.copy_(tensors["phrases"])
-        pool._stamps.copy_(tensors["stamps"])
-        pool._clock.copy_(tensors["clock"])
-        return pool.to(device) if device is not None else pool
+        pool = cls(*dims, device="cpu" if device is None else device)
+        pool._assign(tensors)
+        return pool
 
 
 def _crc32(tensors: dict[str, torch.Tensor]) -> int:

@@ -80,6 +80,9 @@ def assert_state_equal(pool: CandidatePool, expected: dict[str, torch.Tensor], w
         if not torch.equal(got, expected[name]):
             diff = (got != expected[name]).nonzero()[:5].tolist()
             raise AssertionError(f"{where}: {name} differs at {diff}")
+    index = pool._index()  # the CPU pool's first-token index, as its next op would use it
+    if index is not None and not torch.equal(index, state["phrases"][:, :, 0]):
+        raise AssertionError(f"{where}: the first-token index is stale")
 
 
 def assert_lookup_equal(result, expected, where: str):
@@ -175,7 +178,7 @@ def run_against_model(V, W, L, num_ops, alphabet, max_batch, seed, ties=False):
 @pytest.mark.parametrize(
     "V, W, L, alphabet, max_batch",
     [(1, 1, 1, 3, 6), (3, 2, 1, 3, 8), (4, 3, 2, 2, 12), (6, 5, 3, 2, 16), (2, 4, 2, 3, 40),
-     (8, 20, 4, 3, 30)],
+     (5, 9, 2, 2, 30), (3, 13, 3, 2, 40), (8, 20, 4, 3, 30)],
 )
 def test_random_streams_match_model(V, W, L, alphabet, max_batch):
     for seed in range(4):
@@ -210,6 +213,74 @@ def test_registered_ops_match_model():
                           (copy["phrases"], copy["stamps"], copy["clock"], keys, rows))
     torch.library.opcheck(ops.pool_refine.default,
                           (copy["phrases"], copy["stamps"], keys, torch.tensor([0, 1, 2]), rows))
+
+
+def test_registered_ops_with_the_first_token_index_match_model():
+    """The ops keep the optional first_tokens index (the CPU pool's) up to date and give
+    the same results with it; opcheck covers the optional mutable argument."""
+    rng = random.Random(7)
+    V, W, L = 4, 9, 2
+    ops = torch.ops.ouroboros_kernels
+    pool, model = CandidatePool(V, W, L), ReferencePool(V, W, L)
+    state, index = pool.state_dict(), pool._first_tokens
+    for step, op in enumerate(random_stream(rng, V, W, L, 300, alphabet=2, max_batch=12)):
+        args = as_tensors(op, "cpu", rng, L)
+        if op[0] == "insert":
+            ops.pool_insert(state["phrases"], state["stamps"], state["clock"], *args, index)
+            model.insert(op[1], op[2])
+        elif op[0] == "refine":
+            ops.pool_refine(state["phrases"], state["stamps"], *args, first_tokens=index)
+            model.refine(op[1], op[2], op[3])
+        assert torch.equal(index, state["phrases"][:, :, 0]), f"op {step}"
+        assert_state_equal(pool, model.state(), f"op {step}")
+    copy = {k: v.clone() for k, v in state.items()}
+    copy_index = copy["phrases"][:, :, 0].clone()
+    keys, rows = torch.tensor([1, 3, 1]), torch.tensor([[7, 7], [8, 8], [0, 1]], dtype=torch.int32)
+    torch.library.opcheck(ops.pool_insert.default,
+                          (copy["phrases"], copy["stamps"], copy["clock"], keys, rows, copy_index))
+    torch.library.opcheck(ops.pool_refine.default, (copy["phrases"], copy["stamps"], keys,
+                                                    torch.tensor([0, 1, 2]), rows, copy_index))
+
+
+def test_state_written_through_views_is_seen_by_the_index():
+    """The CPU state lives in one buffer (records per key) behind strided views; writing
+    into the views from outside (allowed, not the checked way) must not leave the pool's
+    first-token index stale: the next insert of that phrase finds it (no duplicate)."""
+    pool = CandidatePool(6, 4, 3)
+    state = pool.state_dict()
+    assert not state["phrases"].is_contiguous()  # views of the record buffer
+    assert state["phrases"].untyped_storage().data_ptr() == \
+        state["stamps"].untyped_storage().data_ptr()
+    state["phrases"][2, 1] = torch.tensor([5, 4, 3], dtype=torch.int32)
+    state["stamps"][2, 1] = 7
+    state["clock"].fill_(7)
+    pool.insert(torch.tensor([2]), torch.tensor([[5, 4, 3]]))
+    phrases, counts, slots = pool.lookup(torch.tensor([2]), 4)
+    assert counts.tolist() == [1] and slots[0, 0].item() == 1
+    assert pool.state_dict()["stamps"][2, 1].item() == 8
+    # ... and a refine into a phrase written that way is recognised as a duplicate.
+    state["phrases"][2, 3] = torch.tensor([1, 1, 1], dtype=torch.int32)
+    state["stamps"][2, 3] = 3
+    pool.refine(torch.tensor([2]), torch.tensor([1]), torch.tensor([[1, 1, 1]]))
+    assert pool.lookup(torch.tensor([2]), 4).counts.tolist() == [1]
+    assert pool.state_dict()["stamps"][2, 1].item() == 0
+
+
+def test_pool_made_and_used_under_inference_mode():
+    with torch.inference_mode():
+        pool = CandidatePool(4, 3, 2)
+        pool.insert(torch.tensor([1, 1]), torch.tensor([[2, 3], [2, 3]]))
+        assert pool.lookup(torch.tensor([1]), 3).counts.tolist() == [1]
+        pool.state_dict()["stamps"][1, 2] = 9  # an outside write under inference mode ...
+        pool.state_dict()["phrases"][1, 2] = torch.tensor([4, 4], dtype=torch.int32)
+        pool.state_dict()["clock"].fill_(9)
+    pool.insert(torch.tensor([1]), torch.tensor([[4, 4]]))  # ... is seen by the index
+    assert pool.lookup(torch.tensor([1]), 3).counts.tolist() == [2]
+    with torch.inference_mode():  # the ops on inference tensors, called outside the mode
+        state = {k: v.clone() for k, v in pool.state_dict().items()}
+    torch.ops.ouroboros_kernels.pool_insert(state["phrases"], state["stamps"], state["clock"],
+                                            torch.tensor([2]), torch.tensor([[1, 2]]))
+    assert state["stamps"][2].tolist() == [11, 0, 0]
 
 
 def test_hand_checked_sequence():
@@ -324,7 +395,9 @@ def test_clear_to_repr_and_stats():
     pool = CandidatePool(5, 4, 3)
     assert repr(pool) == "CandidatePool(vocab_size=5, capacity=4, phrase_len=3, device='cpu')"
     assert (pool.vocab_size, pool.capacity, pool.phrase_len) == (5, 4, 3)
-    assert pool.nbytes == 5 * 4 * 3 * 4 + 5 * 4 * 8 + 8
+    # One record per key: W stamps (8 B), W first tokens (4 B), W phrases (4L B), padded to
+    # 64 B (4 * (8 + 4 + 12) = 96 -> 128), and the clock.
+    assert pool.nbytes == 5 * 128 + 8
     pool.insert_ngrams(torch.arange(5).repeat(3))
     assert pool.num_phrases() == 5
     assert pool.to("cpu") is pool and pool.device == torch.device("cpu")
@@ -550,6 +623,13 @@ def test_bad_state_passed_to_the_ops_directly():
         ops.pool_lookup(phrases, stamps, keys, 0)
     with pytest.raises(ValueError, match="contiguous"):
         ops.pool_lookup(phrases.transpose(0, 1), stamps.t(), keys, 1)
+    with pytest.raises(ValueError, match="contiguous"):  # rows of two keys overlap
+        ops.pool_lookup(phrases, stamps.as_strided((4, 3), (2, 1)), keys, 1)
+    with pytest.raises(TypeError, match="first_tokens"):
+        ops.pool_insert(phrases, stamps, clock, keys, rows, stamps)
+    with pytest.raises(ValueError, match="first_tokens"):
+        ops.pool_refine(phrases, stamps, keys, torch.tensor([0]), rows,
+                        torch.full((4, 2), -1, dtype=torch.int32))
 
 
 def test_bad_load_state_dict():
