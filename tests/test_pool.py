@@ -632,6 +632,34 @@ def test_bad_state_passed_to_the_ops_directly():
                         torch.full((4, 2), -1, dtype=torch.int32))
 
 
+def test_direct_bindings_raise_clear_errors():
+    """The vectorcall entry points behind CandidatePool's hot path check their arguments
+    and raise Python errors naming them (never crash on a wrong type)."""
+    from ouroboros_kernels._ext import load_extension
+
+    module = load_extension()
+    phrases = torch.full((3, 2, 2), -1, dtype=torch.int32)
+    stamps = torch.zeros(3, 2, dtype=torch.int64)
+    clock = torch.zeros(1, dtype=torch.int64)
+    keys, rows = torch.tensor([1]), torch.tensor([[1, 2]])
+    out = CandidatePool(3, 2, 2).empty_lookup(1, 2)
+    with pytest.raises(TypeError, match="pool_insert: expected 5 to 6 positional"):
+        module.pool_insert(phrases, stamps, clock)
+    with pytest.raises(TypeError, match="keys: expected a torch.Tensor, got str"):
+        module.pool_insert(phrases, stamps, clock, "x", rows)
+    with pytest.raises(TypeError, match="first_tokens: expected a torch.Tensor"):
+        module.pool_refine(phrases, stamps, keys, keys, rows, 3)
+    with pytest.raises(TypeError, match="k: expected an int, got bool"):
+        module.pool_lookup_out(phrases, stamps, keys, True, *out)
+    with pytest.raises(ValueError, match="k: out of the int64 range"):
+        module.pool_lookup_out(phrases, stamps, keys, 2**70, *out)
+    with pytest.raises(ValueError, match="keys: entry 0 is 5"):
+        module.pool_insert(phrases, stamps, clock, torch.tensor([5]), rows)
+    module.pool_insert(phrases, stamps, clock, keys, rows, None)  # None = no index
+    module.pool_lookup_out(phrases, stamps, keys, 2, *out)
+    assert out.counts.tolist() == [1] and out.phrases[0, 0].tolist() == [1, 2]
+
+
 def test_bad_load_state_dict():
     pool = CandidatePool(3, 2, 2)
     good = {k: v.clone() for k, v in CandidatePool(3, 2, 2).state_dict().items()}
