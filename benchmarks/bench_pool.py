@@ -15,7 +15,7 @@ warm-started with the n-grams of a long stretch of that text (as a pool carried 
 earlier prompts), then runs untimed steps.
 
 Compared per step (each pool replays the same steps; every timed step is measured on all
-pools in turn, and the median is reported):
+pools in turn, in an order rotated every step, and the median is reported):
 
 * the compiled CPU op, through ``CandidatePool`` (argument checks and Python overhead
   included), lookups writing into result buffers reused every step (``out=``), and the same
@@ -335,22 +335,24 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
         run_compiled_step(pool_alloc, t)
     gc.collect()
     gc.freeze()  # the benchmark's own data (millions of list items) is not the pools' cost
-    times: dict[str, list[int]] = {"lists": [], "published": [], "compiled": [], "alloc": []}
+    runs = {
+        "lists": lambda s, t: run_python_step(py_lists, s),
+        "published": lambda s, t: run_published_style_step(py_published, t),
+        "compiled": lambda s, t: run_compiled_step(pool, t, buffers),
+        "alloc": lambda s, t: run_compiled_step(pool_alloc, t),
+    }
+    names = list(runs)
+    times: dict[str, list[int]] = {name: [] for name in names}
     clock = time.perf_counter_ns
-    for s, t in zip(steps[num_warmup:], tensor_steps[num_warmup:], strict=True):
-        t0 = clock()
-        run_python_step(py_lists, s)
-        t1 = clock()
-        run_published_style_step(py_published, t)
-        t2 = clock()
-        run_compiled_step(pool, t, buffers)
-        t3 = clock()
-        run_compiled_step(pool_alloc, t)
-        t4 = clock()
-        times["lists"].append(t1 - t0)
-        times["published"].append(t2 - t1)
-        times["compiled"].append(t3 - t2)
-        times["alloc"].append(t4 - t3)
+    for step, (s, t) in enumerate(zip(steps[num_warmup:], tensor_steps[num_warmup:],
+                                      strict=True)):
+        # The order rotates every step: whichever pool runs right after a similar one finds
+        # its code paths (and the interpreter's) warm, so a fixed order would favour some.
+        for j in range(len(names)):
+            name = names[(step + j) % len(names)]
+            t0 = clock()
+            runs[name](s, t)
+            times[name].append(clock() - t0)
     gc.unfreeze()
     median_us = {name: statistics.median(v) / 1e3 for name, v in times.items()}
     check_agreement(pool, py_lists, sorted({k for s in steps for k in s.insert_keys})[:3000])
@@ -412,7 +414,8 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         f"them new); W={CAPACITY}",
         f"* pools warm-started with the n-grams of {warm_tokens} tokens (as after earlier "
         f"prompts), then {num_warmup} untimed steps; median over {num_timed} steps, the pools "
-        "timed in turn on each step",
+        "timed in turn on each step, in an order rotated every step (a pool timed right after a "
+        "similar one finds the code paths warm; each pool is first, second, ... equally often)",
         "* Python pool = dict of lists of tuples, same semantics. 'published style': driven "
         "as the published Ouroboros / lookahead-decoding code drive theirs (the step's tensors "
         "`.tolist()`-ed, one insert call per n-gram, eviction by list rebuild); the speed-up "
@@ -420,9 +423,7 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         "* compiled: through `CandidatePool` (argument checks and Python overhead included); "
         "lookups write into result buffers made once and reused every step "
         "(`lookup(keys, k, out=buffers)`); 'allocating lookups': a second compiled pool "
-        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call), "
-        "timed right after the first compiled pool, i.e. with its code paths warm: optimistic, "
-        "not a like-for-like comparison with the column before",
+        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call)",
         f"* load average when the run started: {load_at_start} (other processes share the "
         "cores; every step is timed on all pools in turn, so the ratios hold better than "
         "the absolute times)",
