@@ -7,7 +7,9 @@
 # code is non-zero if any step failed. Budget on an H100: about 6-8 minutes in all.
 #
 #   OUT=/some/dir bash benchmarks/run_gpu.sh            # everything
-#   STEPS=info,install,bench bash benchmarks/run_gpu.sh # a subset of: info install test kernels bench
+#   STEPS=info,install,bench bash benchmarks/run_gpu.sh # a subset of: info install test kernels bench sweep
+#   STEPS=info,install,sweep bash benchmarks/run_gpu.sh # the tree-attention launch-settings sweep
+#                                                       # (not in the default set: ~5 min more)
 #   PYTHON=python3.12 WHEELS=wheels bash benchmarks/run_gpu.sh
 #
 # pytest must be importable; if it is not and $WHEELS (default ./wheels) holds wheels
@@ -109,6 +111,11 @@ if wants bench; then
   for bench in benchmarks/bench_*.py; do
     step "$(basename "$bench" .py)" 420 "$PY" "$bench" --out "$OUT"
   done
+fi
+
+if wants sweep; then
+  step sweep_tree_attention 330 "$PY" benchmarks/sweep_tree_attention.py --quick --out "$OUT" \
+    --budget-s 240
 fi
 
 log ""
