@@ -9,6 +9,10 @@ for the same op sequence). State is three plain tensors:
 * ``clock``:   int64 ``[1]`` stamps handed out so far, kept on the pool's device so no
   operation ever needs a host synchronisation.
 
+On the CPU, ``phrases`` and ``stamps`` are strided views of one buffer that keeps each key's
+stamps, an index of its slots' first tokens and its phrases together (one run of cache
+lines per key; see ``CandidatePool._allocate``); on CUDA they are contiguous tensors.
+
 Semantics (see ``csrc/pool.h`` for the complete statement):
 
 * ``insert`` applies its entries in index order; entry ``i`` gets stamp ``clock + i + 1``.
