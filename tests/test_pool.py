@@ -178,7 +178,7 @@ def run_against_model(V, W, L, num_ops, alphabet, max_batch, seed, ties=False):
 @pytest.mark.parametrize(
     "V, W, L, alphabet, max_batch",
     [(1, 1, 1, 3, 6), (3, 2, 1, 3, 8), (4, 3, 2, 2, 12), (6, 5, 3, 2, 16), (2, 4, 2, 3, 40),
-     (5, 9, 2, 2, 30), (3, 13, 3, 2, 40), (8, 20, 4, 3, 30)],
+     (5, 9, 2, 2, 30), (3, 13, 3, 2, 40), (8, 20, 4, 3, 30), (3, 70, 2, 12, 200)],
 )
 def test_random_streams_match_model(V, W, L, alphabet, max_batch):
     for seed in range(4):
