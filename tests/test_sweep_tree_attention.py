@@ -93,3 +93,19 @@ def test_sweep_of_one_shape_on_the_interpreter(monkeypatch, tmp_path):
     path.write_text(json.dumps(sweep.json_rows([row])))
     top = json.loads(path.read_text())[0]["top"]
     assert top[0]["config"]["block_n"] == row["best"].block_n and len(top) <= 3
+
+
+def test_bench_summary_splits_out_shapes_below_the_launch_floor():
+    """bench_tree_attention's summary: shapes whose 80%-of-copy-bandwidth time is under two
+    launch floors are counted apart, and the bandwidth stats are repeated for the rest."""
+    import bench_tree_attention as bench
+
+    rows = [{"shape": bench.Shape("SmolLM2-135M", 1, 1, 2048), "ours": (7.4, True)},
+            {"shape": bench.Shape("Llama-3-8B", 8, 1, 8192), "ours": (107.4, True)},
+            {"shape": bench.Shape("Llama-3-8B", 1, 64, 2048), "ours": (30.2, True)},
+            {"shape": bench.Shape("Llama-3-8B", 1, 256, 2048), "ours": (70.6, True)}]
+    lines = bench.summary(rows, 2443.0, 2.0)
+    assert "3 shapes;" in lines[3] and ">= 80% in 1 of 3" in lines[3]  # T = 256 is no target
+    assert lines[4].startswith("* 1 of them would need less than two launch floors (4.0 us)")
+    assert "on the other 2 shapes" in lines[4] and ">= 80% in 1 of 2" in lines[4]
+    assert not any("launch floors" in line for line in bench.summary(rows, 2443.0))
