@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_tree_attention import (  # noqa: E402
     DTYPE,
-    MODELS,
     Case,
     Shape,
     all_shapes,

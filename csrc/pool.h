@@ -7,16 +7,21 @@
 // V = vocabulary size (keys are token ids in [0, V)), W = capacity (slots per key),
 // L = phrase length. Invariant: the non-empty phrases of one key are distinct.
 // On the CPU, phrases and stamps may be strided by key (each key's row contiguous, rows
-// not overlapping): CandidatePool keeps one record per key in one buffer and passes views.
-// CUDA requires contiguous tensors.
+// not overlapping), and the CPU ops that write bump their version counters (as ATen's
+// in-place ops do). CUDA requires contiguous tensors.
 //
-// first_tokens (optional last argument of pool_insert / pool_refine; CPU only; None on
-// CUDA): int32 [V, W], a derived index holding phrases[:, :, 0] (-1 for empty slots). When
-// given, the duplicate search reads it instead of the phrase rows, and the op keeps it
-// equal to phrases[:, :, 0]. A CPU op called without it bumps the version counter of the
-// state it wrote, so the owner of an index can notice and rebuild it.
+// The packed CPU layout (what CandidatePool uses on the CPU): one int32 buffer
+// record [V, R] (contiguous, R even, R >= W * (3 + L)) holding, for key v in row v:
+//   int32 [0, 2W)        the W int64 stamps of the key,
+//   int32 [2W, 3W)       first_tokens: the first token of each slot's phrase, -1 if empty
+//                        (a derived index, equal to phrases[v, :, 0]),
+//   int32 [3W, 3W + WL)  the W phrases of L tokens.
+// One key's stamps and index share a few adjacent cache lines, and the duplicate search
+// reads the index instead of the phrase rows. pool_*_packed(record, W, L, ...) are the same
+// ops on that layout (CPU only; the buffer and its dimensions come first); they keep the index
+// up to date.
 //
-// pool_insert(phrases, stamps, clock, keys int64[M], new_phrases int32|int64[M, L], first_tokens?)
+// pool_insert(phrases, stamps, clock, keys int64[M], new_phrases int32|int64[M, L])
 //   Entries are applied in index order; entry i gets stamp clock + i + 1 and the clock
 //   advances by M after the batch (so recency across keys is the sequential one).
 //   A phrase already under its key gets the new stamp (becomes the most recent);
@@ -30,8 +35,7 @@
 //   The same, written into caller-provided contiguous int32 tensors of exactly those shapes
 //   on the pool's device (no allocation: a caller can reuse them every step). Not a
 //   registered op; the Python wrapper uses it for lookup(..., out=...).
-// pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L],
-//             first_tokens?)
+// pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L])
 //   Entries are applied in index order. The phrase in (key, slot) is overwritten and keeps
 //   its stamp; if the new phrase already sits in another non-empty slot of that key, the
 //   refined slot is emptied instead (stamp 0, phrase -1s). Refining an empty slot is a no-op.
@@ -71,8 +75,7 @@ void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_count
 
 // CPU implementations (pool_cpu.cpp).
 void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                     const at::Tensor& keys, const at::Tensor& new_phrases,
-                     const c10::optional<at::Tensor>& first_tokens);
+                     const at::Tensor& keys, const at::Tensor& new_phrases);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
                                                                const at::Tensor& stamps,
                                                                const at::Tensor& keys, int64_t k);
@@ -80,14 +83,25 @@ void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                          at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                     const at::Tensor& slots, const at::Tensor& new_phrases,
-                     const c10::optional<at::Tensor>& first_tokens);
+                     const at::Tensor& slots, const at::Tensor& new_phrases);
+// The same on the packed layout (record, W = capacity, L = phrase_len).
+void pool_insert_packed_cpu(at::Tensor& record, at::Tensor& clock, int64_t capacity,
+                            int64_t phrase_len, const at::Tensor& keys,
+                            const at::Tensor& new_phrases);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_packed_cpu(
+    const at::Tensor& record, int64_t capacity, int64_t phrase_len, const at::Tensor& keys,
+    int64_t k);
+void pool_lookup_packed_out_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                                const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                                at::Tensor& out_counts, at::Tensor& out_slots);
+void pool_refine_packed_cpu(at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                            const at::Tensor& keys, const at::Tensor& slots,
+                            const at::Tensor& new_phrases);
 
 #ifdef OUROBOROS_WITH_CUDA
 // CUDA implementations (pool_cuda.cu).
 void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                      const at::Tensor& keys, const at::Tensor& new_phrases,
-                      const c10::optional<at::Tensor>& first_tokens);
+                      const at::Tensor& keys, const at::Tensor& new_phrases);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
                                                                 const at::Tensor& stamps,
                                                                 const at::Tensor& keys, int64_t k);
@@ -95,8 +109,7 @@ void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
                           const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                           at::Tensor& out_counts, at::Tensor& out_slots);
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                      const at::Tensor& slots, const at::Tensor& new_phrases,
-                      const c10::optional<at::Tensor>& first_tokens);
+                      const at::Tensor& slots, const at::Tensor& new_phrases);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
 int64_t cuda_runtime_build_version();
 #endif

@@ -115,12 +115,10 @@ void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_count
 
 namespace {
 
-// The CPU state may be strided by key: phrases [V, W, L] with strides (sp, L, 1) and stamps
-// [V, W] with strides (ss, 1), so that CandidatePool can keep one record per key in a single
-// buffer (stamps, first tokens and phrases of a key adjacent in memory; see pool.py) and
-// pass views of it. An optional index first_tokens int32 [V, W] (strides (si, 1)) holds the
-// first token of every slot (-1 when empty); when given, the ops use it for the duplicate
-// search and keep it up to date.
+// The state as the kernels below see it: per key, a stamps row, a phrase row and (packed
+// layout only) a first-token index row, each contiguous, at any per-key stride. Generic
+// ops: phrases [V, W, L] and stamps [V, W] tensors (contiguous or strided by key, e.g.
+// views of a packed record), no index. Packed ops: one record buffer (see pool.h).
 struct CpuState {
   int32_t* phrases;
   int64_t* stamps;
@@ -144,8 +142,7 @@ void check_row_strided(const at::Tensor& t, const char* name, int64_t row_elems)
                     name, ": each key's row must be contiguous (strides ", t.strides(), ")");
 }
 
-CpuState cpu_state(at::Tensor& phrases, at::Tensor& stamps,
-                   const c10::optional<at::Tensor>& first_tokens) {
+CpuState cpu_state(const at::Tensor& phrases, const at::Tensor& stamps) {
   TORCH_CHECK_TYPE(phrases.scalar_type() == at::kInt,
                    "pool phrases: expected int32, got ", phrases.scalar_type());
   TORCH_CHECK_TYPE(stamps.scalar_type() == at::kLong,
@@ -163,22 +160,28 @@ CpuState cpu_state(at::Tensor& phrases, at::Tensor& stamps,
   const int64_t V = phrases.size(0), W = phrases.size(1), L = phrases.size(2);
   check_row_strided(phrases, "pool phrases", W * L);
   check_row_strided(stamps, "pool stamps", W);
-  CpuState st{phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), nullptr,
-              phrases.stride(0), stamps.stride(0), 0, V, W, L};
-  if (first_tokens.has_value() && first_tokens->defined()) {
-    const at::Tensor& f = *first_tokens;
-    TORCH_CHECK_TYPE(f.scalar_type() == at::kInt, "pool first_tokens: expected int32, got ",
-                     f.scalar_type());
-    TORCH_CHECK_VALUE(f.dim() == 2 && f.size(0) == V && f.size(1) == W,
-                      "pool first_tokens: expected shape [V, W] = [", V, ", ", W, "], got ",
-                      f.sizes());
-    TORCH_CHECK_VALUE(f.device() == phrases.device(), "pool first_tokens: on ", f.device(),
-                      " but phrases on ", phrases.device());
-    check_row_strided(f, "pool first_tokens", W);
-    st.firsts = f.data_ptr<int32_t>();
-    st.si = f.stride(0);
-  }
-  return st;
+  return {phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), nullptr,
+          phrases.stride(0), stamps.stride(0), 0, V, W, L};
+}
+
+CpuState packed_state(const at::Tensor& record, int64_t W, int64_t L) {
+  TORCH_CHECK_VALUE(W >= 1 && L >= 1, "capacity and phrase_len must be >= 1, got ", W, " and ",
+                    L);
+  TORCH_CHECK_TYPE(record.scalar_type() == at::kInt, "pool record: expected int32, got ",
+                   record.scalar_type());
+  TORCH_CHECK_VALUE(record.is_cpu(), "pool record: the packed layout is CPU-only, got ",
+                    record.device());
+  TORCH_CHECK_VALUE(record.dim() == 2 && record.is_contiguous() && record.size(1) % 2 == 0 &&
+                        record.size(1) >= W * (3 + L),
+                    "pool record: expected a contiguous int32 [V, R] with R even and R >= "
+                    "capacity * (3 + phrase_len) = ", W * (3 + L), ", got shape ",
+                    record.sizes());
+  int32_t* base = record.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(base) % alignof(int64_t) == 0,
+                    "pool record: must be 8-byte aligned (it holds the int64 stamps)");
+  const int64_t R = record.size(1);
+  return {base + 3 * W, reinterpret_cast<int64_t*>(base), base + 2 * W, R, R / 2, R,
+          record.size(0), W, L};
 }
 
 enum PhraseKind { kValid, kPadding, kInvalid };
@@ -503,90 +506,126 @@ at::Tensor checked_lookup_keys(const CpuState& st, const at::Tensor& phrases,
   return keys_c;
 }
 
-// An op called without the first_tokens index bumps the version counter of the state it
-// wrote (as ATen's in-place ops do), so that the owner of an index over the same state
-// (CandidatePool) notices the write and rebuilds it. With the index the owner is the
-// caller, and nothing is bumped (a bump would make it rebuild for nothing).
-void note_write_without_index(const CpuState& st, at::Tensor& phrases, at::Tensor& stamps) {
-  if (st.firsts != nullptr) return;
-  for (at::Tensor* t : {&phrases, &stamps}) {
+// The generic ops write through raw pointers; like ATen's in-place ops they then bump the
+// version counters of what they wrote, so that a CandidatePool whose packed buffer these
+// tensors view notices the write (and rebuilds its first-token index).
+void bump_versions(const at::Tensor& phrases, const at::Tensor& stamps) {
+  for (const at::Tensor* t : {&phrases, &stamps}) {
     if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
   }
+}
+
+template <typename Fn>
+void with_tokens(const at::Tensor& new_phrases, Fn&& fn) {
+  const at::Tensor tokens_c = new_phrases.contiguous();
+  if (tokens_c.scalar_type() == at::kInt) {
+    fn(tokens_c.data_ptr<int32_t>());
+  } else {
+    fn(tokens_c.data_ptr<int64_t>());
+  }
+}
+
+void insert_checked(const CpuState& st, at::Tensor& clock, const at::Tensor& keys,
+                    const at::Tensor& new_phrases, const at::Tensor& like) {
+  check_clock(clock, like);
+  const at::Tensor keys_c = checked_keys(keys, like);
+  const int64_t M = keys_c.size(0);
+  check_new_phrases(new_phrases, M, st.L, like);
+  int64_t* clock_ptr = clock.data_ptr<int64_t>();
+  const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
+  with_tokens(new_phrases, [&](auto tokens) { insert_impl(st, clock_ptr, key_ptr, tokens, M); });
+}
+
+void refine_checked(const CpuState& st, const at::Tensor& keys, const at::Tensor& slots,
+                    const at::Tensor& new_phrases, const at::Tensor& like) {
+  const at::Tensor keys_c = checked_keys(keys, like);
+  const int64_t M = keys_c.size(0);
+  check_slots(slots, M, like);
+  check_new_phrases(new_phrases, M, st.L, like);
+  const at::Tensor slots_c = slots.contiguous();
+  const int64_t* kp = keys_c.data_ptr<int64_t>();
+  with_tokens(new_phrases, [&](auto tokens) {
+    if (slots_c.scalar_type() == at::kInt) {
+      refine_impl(st, kp, slots_c.data_ptr<int32_t>(), tokens, M);
+    } else {
+      refine_impl(st, kp, slots_c.data_ptr<int64_t>(), tokens, M);
+    }
+  });
+}
+
+void lookup_checked(const CpuState& st, const at::Tensor& keys, int64_t k, const at::Tensor& like,
+                    at::Tensor* out_phrases, at::Tensor* out_counts, at::Tensor* out_slots) {
+  const at::Tensor keys_c = checked_lookup_keys(st, like, keys, k);
+  const int64_t M = keys_c.size(0);
+  if (!out_phrases->defined()) {
+    auto opts = like.options().dtype(at::kInt);
+    *out_phrases = at::empty({M, k, st.L}, opts);
+    *out_counts = at::empty({M}, opts);
+    *out_slots = at::empty({M, k}, opts);
+  } else {
+    check_lookup_out(*out_phrases, *out_counts, *out_slots, M, k, st.L, like);
+  }
+  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases->data_ptr<int32_t>(),
+              out_counts->data_ptr<int32_t>(), out_slots->data_ptr<int32_t>());
 }
 
 }  // namespace
 
 void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                     const at::Tensor& keys, const at::Tensor& new_phrases,
-                     const c10::optional<at::Tensor>& first_tokens) {
-  const CpuState st = cpu_state(phrases, stamps, first_tokens);
-  check_clock(clock, phrases);
-  const at::Tensor keys_c = checked_keys(keys, phrases);
-  const int64_t M = keys_c.size(0);
-  check_new_phrases(new_phrases, M, st.L, phrases);
-  const at::Tensor tokens_c = new_phrases.contiguous();
-  if (tokens_c.scalar_type() == at::kInt) {
-    insert_impl(st, clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
-                tokens_c.data_ptr<int32_t>(), M);
-  } else {
-    insert_impl(st, clock.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(),
-                tokens_c.data_ptr<int64_t>(), M);
-  }
-  note_write_without_index(st, phrases, stamps);
+                     const at::Tensor& keys, const at::Tensor& new_phrases) {
+  insert_checked(cpu_state(phrases, stamps), clock, keys, new_phrases, phrases);
+  bump_versions(phrases, stamps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
                                                                const at::Tensor& stamps,
                                                                const at::Tensor& keys,
                                                                int64_t k) {
-  at::Tensor p = phrases, s = stamps;  // cpu_state takes mutable refs; lookup only reads
-  const CpuState st = cpu_state(p, s, c10::nullopt);
-  const at::Tensor keys_c = checked_lookup_keys(st, phrases, keys, k);
-  const int64_t M = keys_c.size(0);
-  auto opts = phrases.options();  // int32, CPU
-  at::Tensor out_phrases = at::empty({M, k, st.L}, opts);
-  at::Tensor out_counts = at::empty({M}, opts);
-  at::Tensor out_slots = at::empty({M, k}, opts);
-  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases.data_ptr<int32_t>(),
-              out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
+  at::Tensor out_phrases, out_counts, out_slots;
+  lookup_checked(cpu_state(phrases, stamps), keys, k, phrases, &out_phrases, &out_counts,
+                 &out_slots);
   return {out_phrases, out_counts, out_slots};
 }
 
 void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
                          at::Tensor& out_counts, at::Tensor& out_slots) {
-  at::Tensor p = phrases, s = stamps;
-  const CpuState st = cpu_state(p, s, c10::nullopt);
-  const at::Tensor keys_c = checked_lookup_keys(st, phrases, keys, k);
-  const int64_t M = keys_c.size(0);
-  check_lookup_out(out_phrases, out_counts, out_slots, M, k, st.L, phrases);
-  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases.data_ptr<int32_t>(),
-              out_counts.data_ptr<int32_t>(), out_slots.data_ptr<int32_t>());
+  lookup_checked(cpu_state(phrases, stamps), keys, k, phrases, &out_phrases, &out_counts,
+                 &out_slots);
 }
 
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                     const at::Tensor& slots, const at::Tensor& new_phrases,
-                     const c10::optional<at::Tensor>& first_tokens) {
-  const CpuState st = cpu_state(phrases, stamps, first_tokens);
-  const at::Tensor keys_c = checked_keys(keys, phrases);
-  const int64_t M = keys_c.size(0);
-  check_slots(slots, M, phrases);
-  check_new_phrases(new_phrases, M, st.L, phrases);
-  const at::Tensor slots_c = slots.contiguous();
-  const at::Tensor tokens_c = new_phrases.contiguous();
-  const int64_t* kp = keys_c.data_ptr<int64_t>();
-  const bool slots32 = slots_c.scalar_type() == at::kInt;
-  const bool tokens32 = tokens_c.scalar_type() == at::kInt;
-  if (slots32 && tokens32) {
-    refine_impl(st, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int32_t>(), M);
-  } else if (slots32) {
-    refine_impl(st, kp, slots_c.data_ptr<int32_t>(), tokens_c.data_ptr<int64_t>(), M);
-  } else if (tokens32) {
-    refine_impl(st, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int32_t>(), M);
-  } else {
-    refine_impl(st, kp, slots_c.data_ptr<int64_t>(), tokens_c.data_ptr<int64_t>(), M);
-  }
-  note_write_without_index(st, phrases, stamps);
+                     const at::Tensor& slots, const at::Tensor& new_phrases) {
+  refine_checked(cpu_state(phrases, stamps), keys, slots, new_phrases, phrases);
+  bump_versions(phrases, stamps);
+}
+
+void pool_insert_packed_cpu(at::Tensor& record, at::Tensor& clock, int64_t capacity,
+                            int64_t phrase_len, const at::Tensor& keys,
+                            const at::Tensor& new_phrases) {
+  insert_checked(packed_state(record, capacity, phrase_len), clock, keys, new_phrases, record);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_packed_cpu(
+    const at::Tensor& record, int64_t capacity, int64_t phrase_len, const at::Tensor& keys,
+    int64_t k) {
+  at::Tensor out_phrases, out_counts, out_slots;
+  lookup_checked(packed_state(record, capacity, phrase_len), keys, k, record, &out_phrases,
+                 &out_counts, &out_slots);
+  return {out_phrases, out_counts, out_slots};
+}
+
+void pool_lookup_packed_out_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                                const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
+                                at::Tensor& out_counts, at::Tensor& out_slots) {
+  lookup_checked(packed_state(record, capacity, phrase_len), keys, k, record, &out_phrases,
+                 &out_counts, &out_slots);
+}
+
+void pool_refine_packed_cpu(at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                            const at::Tensor& keys, const at::Tensor& slots,
+                            const at::Tensor& new_phrases) {
+  refine_checked(packed_state(record, capacity, phrase_len), keys, slots, new_phrases, record);
 }
 
 }  // namespace ouroboros
@@ -596,19 +635,32 @@ void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& 
 TORCH_LIBRARY(ouroboros_kernels, m) {
   m.def(
       "pool_insert(Tensor(a!) phrases, Tensor(b!) stamps, Tensor(c!) clock, Tensor keys, "
-      "Tensor new_phrases, Tensor(d!)? first_tokens=None) -> ()");
+      "Tensor new_phrases) -> ()");
   m.def(
       "pool_lookup(Tensor phrases, Tensor stamps, Tensor keys, int k) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "pool_refine(Tensor(a!) phrases, Tensor(b!) stamps, Tensor keys, Tensor slots, "
-      "Tensor new_phrases, Tensor(d!)? first_tokens=None) -> ()");
+      "Tensor new_phrases) -> ()");
+  // The packed CPU layout (pool.h); CandidatePool's CPU path.
+  m.def(
+      "pool_insert_packed(Tensor(a!) record, Tensor(b!) clock, int capacity, int phrase_len, "
+      "Tensor keys, Tensor new_phrases) -> ()");
+  m.def(
+      "pool_lookup_packed(Tensor record, int capacity, int phrase_len, Tensor keys, int k) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pool_refine_packed(Tensor(a!) record, int capacity, int phrase_len, Tensor keys, "
+      "Tensor slots, Tensor new_phrases) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ouroboros_kernels, CPU, m) {
   m.impl("pool_insert", &ouroboros::pool_insert_cpu);
   m.impl("pool_lookup", &ouroboros::pool_lookup_cpu);
   m.impl("pool_refine", &ouroboros::pool_refine_cpu);
+  m.impl("pool_insert_packed", &ouroboros::pool_insert_packed_cpu);
+  m.impl("pool_lookup_packed", &ouroboros::pool_lookup_packed_cpu);
+  m.impl("pool_refine_packed", &ouroboros::pool_refine_packed_cpu);
 }
 
 namespace {
@@ -623,14 +675,11 @@ namespace {
 }
 
 void insert_direct(at::Tensor phrases, at::Tensor stamps, at::Tensor clock,
-                   const at::Tensor& keys, const at::Tensor& new_phrases,
-                   const c10::optional<at::Tensor>& first_tokens) {
-  if (phrases.is_cpu()) {
-    return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases, first_tokens);
-  }
+                   const at::Tensor& keys, const at::Tensor& new_phrases) {
+  if (phrases.is_cpu()) return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases);
 #ifdef OUROBOROS_WITH_CUDA
   if (phrases.is_cuda()) {
-    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases, first_tokens);
+    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases);
   }
 #endif
   unsupported_device(phrases);
@@ -663,14 +712,11 @@ void lookup_out_direct(const at::Tensor& phrases, const at::Tensor& stamps,
 }
 
 void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys,
-                   const at::Tensor& slots, const at::Tensor& new_phrases,
-                   const c10::optional<at::Tensor>& first_tokens) {
-  if (phrases.is_cpu()) {
-    return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases, first_tokens);
-  }
+                   const at::Tensor& slots, const at::Tensor& new_phrases) {
+  if (phrases.is_cpu()) return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases);
 #ifdef OUROBOROS_WITH_CUDA
   if (phrases.is_cuda()) {
-    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases, first_tokens);
+    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases);
   }
 #endif
   unsupported_device(phrases);
@@ -678,12 +724,12 @@ void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys
 
 // ---------------------------------------------------------------- vectorcall bindings
 //
-// The hot entry points (insert, lookup into buffers, refine) are plain CPython
-// METH_FASTCALL functions rather than pybind11 ones. A pool op is a few hundred ns of
-// work, and in a decoding step it runs with cold caches (the model ran in between):
-// measured over the benchmark's step, pybind11's generic argument machinery cost about
-// 0.4 µs per call there, unpacking the tensors directly well under 0.05 µs. Errors from
-// the checks come out as the same ValueError / TypeError as from the registered ops.
+// The hot entry points are plain CPython METH_FASTCALL functions rather than pybind11
+// ones. A pool op is a few hundred ns of work, and in a decoding step it runs with cold
+// caches (the model ran in between): measured over the benchmark's step, pybind11's
+// generic argument machinery cost about 0.4 µs per call there, unpacking the tensors
+// directly well under 0.05 µs. Errors from the checks come out as the same ValueError /
+// TypeError as from the registered ops.
 
 bool translate_exception() {
   try {
@@ -702,9 +748,8 @@ bool translate_exception() {
   return false;
 }
 
-void check_nargs(Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi, const char* fn) {
-  TORCH_CHECK_TYPE(nargs >= lo && nargs <= hi, fn, ": expected ", lo,
-                   lo == hi ? "" : " to ", lo == hi ? "" : std::to_string(hi),
+void check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* fn) {
+  TORCH_CHECK_TYPE(nargs == expected, fn, ": expected ", expected,
                    " positional arguments, got ", nargs);
 }
 
@@ -712,12 +757,6 @@ const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
   TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ",
                    Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
-}
-
-c10::optional<at::Tensor> optional_tensor_arg(PyObject* const* args, Py_ssize_t nargs,
-                                              Py_ssize_t i, const char* name) {
-  if (i >= nargs || args[i] == Py_None) return c10::nullopt;
-  return tensor_arg(args[i], name);
 }
 
 int64_t int_arg(PyObject* obj, const char* name) {
@@ -731,49 +770,89 @@ int64_t int_arg(PyObject* obj, const char* name) {
   return value;
 }
 
-// pool_insert(phrases, stamps, clock, keys, new_phrases, first_tokens=None)
-PyObject* fast_insert(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+// Each binding: check the count, unpack, call; any C++ exception becomes a Python one.
+template <typename Body>
+PyObject* guarded(Body&& body) {
   try {
-    check_nargs(nargs, 5, 6, "pool_insert");
-    insert_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
-                  tensor_arg(args[2], "clock"), tensor_arg(args[3], "keys"),
-                  tensor_arg(args[4], "new_phrases"),
-                  optional_tensor_arg(args, nargs, 5, "first_tokens"));
+    body();
   } catch (...) {
     translate_exception();
     return nullptr;
   }
   Py_RETURN_NONE;
+}
+
+// pool_insert(phrases, stamps, clock, keys, new_phrases)
+PyObject* fast_insert(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&] {
+    check_nargs(nargs, 5, "pool_insert");
+    insert_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
+                  tensor_arg(args[2], "clock"), tensor_arg(args[3], "keys"),
+                  tensor_arg(args[4], "new_phrases"));
+  });
 }
 
 // pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots)
 PyObject* fast_lookup_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  try {
-    check_nargs(nargs, 7, 7, "pool_lookup_out");
+  return guarded([&] {
+    check_nargs(nargs, 7, "pool_lookup_out");
     lookup_out_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
                       tensor_arg(args[2], "keys"), int_arg(args[3], "k"),
                       tensor_arg(args[4], "out.phrases"), tensor_arg(args[5], "out.counts"),
                       tensor_arg(args[6], "out.slots"));
-  } catch (...) {
-    translate_exception();
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+  });
 }
 
-// pool_refine(phrases, stamps, keys, slots, new_phrases, first_tokens=None)
+// pool_refine(phrases, stamps, keys, slots, new_phrases)
 PyObject* fast_refine(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  try {
-    check_nargs(nargs, 5, 6, "pool_refine");
+  return guarded([&] {
+    check_nargs(nargs, 5, "pool_refine");
     refine_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
                   tensor_arg(args[2], "keys"), tensor_arg(args[3], "slots"),
-                  tensor_arg(args[4], "new_phrases"),
-                  optional_tensor_arg(args, nargs, 5, "first_tokens"));
-  } catch (...) {
-    translate_exception();
-    return nullptr;
-  }
-  Py_RETURN_NONE;
+                  tensor_arg(args[4], "new_phrases"));
+  });
+}
+
+// The packed ops take the buffer and its dimensions first, so that a caller can bind them
+// once (functools.partial) and pass only the step's arguments.
+
+// pool_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases)
+PyObject* fast_insert_packed(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&] {
+    check_nargs(nargs, 6, "pool_insert_packed");
+    at::Tensor record = tensor_arg(args[0], "record");
+    at::Tensor clock = tensor_arg(args[1], "clock");
+    ouroboros::pool_insert_packed_cpu(record, clock, int_arg(args[2], "capacity"),
+                                      int_arg(args[3], "phrase_len"), tensor_arg(args[4], "keys"),
+                                      tensor_arg(args[5], "new_phrases"));
+  });
+}
+
+// pool_lookup_packed_out(record, capacity, phrase_len, keys, k, out_phrases, out_counts,
+//                        out_slots)
+PyObject* fast_lookup_packed_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&] {
+    check_nargs(nargs, 8, "pool_lookup_packed_out");
+    at::Tensor out_phrases = tensor_arg(args[5], "out.phrases");
+    at::Tensor out_counts = tensor_arg(args[6], "out.counts");
+    at::Tensor out_slots = tensor_arg(args[7], "out.slots");
+    ouroboros::pool_lookup_packed_out_cpu(
+        tensor_arg(args[0], "record"), int_arg(args[1], "capacity"),
+        int_arg(args[2], "phrase_len"), tensor_arg(args[3], "keys"), int_arg(args[4], "k"),
+        out_phrases, out_counts, out_slots);
+  });
+}
+
+// pool_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases)
+PyObject* fast_refine_packed(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&] {
+    check_nargs(nargs, 6, "pool_refine_packed");
+    at::Tensor record = tensor_arg(args[0], "record");
+    ouroboros::pool_refine_packed_cpu(record, int_arg(args[1], "capacity"),
+                                      int_arg(args[2], "phrase_len"), tensor_arg(args[3], "keys"),
+                                      tensor_arg(args[4], "slots"),
+                                      tensor_arg(args[5], "new_phrases"));
+  });
 }
 
 template <typename F>
@@ -783,15 +862,24 @@ PyCFunction as_pycfunction(F* fn) {
 
 PyMethodDef fast_methods[] = {
     {"pool_insert", as_pycfunction(fast_insert), METH_FASTCALL,
-     "pool_insert(phrases, stamps, clock, keys, new_phrases, first_tokens=None): same as "
-     "torch.ops.ouroboros_kernels.pool_insert (positional arguments only)"},
+     "pool_insert(phrases, stamps, clock, keys, new_phrases): same as "
+     "torch.ops.ouroboros_kernels.pool_insert (positional arguments)"},
     {"pool_lookup_out", as_pycfunction(fast_lookup_out), METH_FASTCALL,
      "pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots): "
      "pool_lookup written into caller-provided contiguous int32 tensors (phrases [M, k, L], "
      "counts [M], slots [M, k]); returns None"},
     {"pool_refine", as_pycfunction(fast_refine), METH_FASTCALL,
-     "pool_refine(phrases, stamps, keys, slots, new_phrases, first_tokens=None): same as "
-     "torch.ops.ouroboros_kernels.pool_refine (positional arguments only)"},
+     "pool_refine(phrases, stamps, keys, slots, new_phrases): same as "
+     "torch.ops.ouroboros_kernels.pool_refine (positional arguments)"},
+    {"pool_insert_packed", as_pycfunction(fast_insert_packed), METH_FASTCALL,
+     "pool_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases): same as "
+     "torch.ops.ouroboros_kernels.pool_insert_packed (positional arguments)"},
+    {"pool_lookup_packed_out", as_pycfunction(fast_lookup_packed_out), METH_FASTCALL,
+     "pool_lookup_packed_out(record, capacity, phrase_len, keys, k, out_phrases, out_counts, "
+     "out_slots): pool_lookup_packed written into caller-provided buffers; returns None"},
+    {"pool_refine_packed", as_pycfunction(fast_refine_packed), METH_FASTCALL,
+     "pool_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases): same as "
+     "torch.ops.ouroboros_kernels.pool_refine_packed (positional arguments)"},
     {nullptr, nullptr, 0, nullptr}};
 
 std::string torch_build_version() {

@@ -35,13 +35,6 @@ int64_t cuda_runtime_build_version() { return CUDART_VERSION; }
 
 namespace {
 
-// The first_tokens index (pool_insert/pool_refine's optional last argument) is a CPU
-// layout optimisation; CUDA pools keep plain contiguous state and never pass it.
-void check_no_first_tokens(const c10::optional<at::Tensor>& first_tokens) {
-  TORCH_CHECK_VALUE(!(first_tokens.has_value() && first_tokens->defined()),
-                    "pool first_tokens: the index is CPU-only; pass None on CUDA");
-}
-
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
@@ -250,9 +243,7 @@ void launch_chunks(at::Tensor& phrases, at::Tensor& stamps, const int64_t* clock
 }  // namespace
 
 void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
-                      const at::Tensor& keys, const at::Tensor& new_phrases,
-                      const c10::optional<at::Tensor>& first_tokens) {
-  check_no_first_tokens(first_tokens);
+                      const at::Tensor& keys, const at::Tensor& new_phrases) {
   const c10::cuda::CUDAGuard guard(phrases.device());
   const PoolDims d = check_state(phrases, stamps);
   check_clock(clock, phrases);
@@ -275,9 +266,7 @@ void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock
 }
 
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
-                      const at::Tensor& slots, const at::Tensor& new_phrases,
-                      const c10::optional<at::Tensor>& first_tokens) {
-  check_no_first_tokens(first_tokens);
+                      const at::Tensor& slots, const at::Tensor& new_phrases) {
   const c10::cuda::CUDAGuard guard(phrases.device());
   const PoolDims d = check_state(phrases, stamps);
   const at::Tensor keys_c = checked_keys(keys, phrases);

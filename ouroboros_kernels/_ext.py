@@ -19,7 +19,8 @@ _BUILD_HINT = (
     "extension must be rebuilt after torch is upgraded)."
 )
 
-_OP_NAMES = ("pool_insert", "pool_lookup", "pool_refine")
+_OP_NAMES = ("pool_insert", "pool_lookup", "pool_refine", "pool_insert_packed",
+             "pool_lookup_packed", "pool_refine_packed")
 
 _module: ModuleType | None = None
 _error: BaseException | None = None
@@ -48,7 +49,7 @@ def load_extension() -> ModuleType:
 def _register_fake_kernels() -> None:
     """Shape-only kernels so that torch.compile / export can trace the pool ops."""
 
-    def fake_insert(phrases, stamps, clock, keys, new_phrases, first_tokens=None):
+    def fake_insert(phrases, stamps, clock, keys, new_phrases):
         return None
 
     def fake_lookup(phrases, stamps, keys, k):
@@ -56,11 +57,24 @@ def _register_fake_kernels() -> None:
         return (phrases.new_empty((M, k, L)), phrases.new_empty((M,)),
                 phrases.new_empty((M, k)))
 
-    def fake_refine(phrases, stamps, keys, slots, new_phrases, first_tokens=None):
+    def fake_refine(phrases, stamps, keys, slots, new_phrases):
+        return None
+
+    def fake_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases):
+        return None
+
+    def fake_lookup_packed(record, capacity, phrase_len, keys, k):
+        M = keys.shape[0]
+        return (record.new_empty((M, k, phrase_len)), record.new_empty((M,)),
+                record.new_empty((M, k)))
+
+    def fake_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases):
         return None
 
     for name, fn in (("pool_insert", fake_insert), ("pool_lookup", fake_lookup),
-                     ("pool_refine", fake_refine)):
+                     ("pool_refine", fake_refine), ("pool_insert_packed", fake_insert_packed),
+                     ("pool_lookup_packed", fake_lookup_packed),
+                     ("pool_refine_packed", fake_refine_packed)):
         torch.library.register_fake(f"ouroboros_kernels::{name}", fn)
 
 

@@ -37,6 +37,7 @@ never read device data (so never synchronise) unless ``validate=True``.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import zlib
@@ -79,10 +80,16 @@ class _PoolOps(NamedTuple):
     lookup: Any
     lookup_out: Any
     refine: Any
+    insert_packed: Any
+    lookup_packed_out: Any
+    refine_packed: Any
     # ... and the registered torch ops (used while torch.compile traces).
     insert_op: Any
     lookup_op: Any
     refine_op: Any
+    insert_packed_op: Any
+    lookup_packed_op: Any
+    refine_packed_op: Any
 
 
 _ops: _PoolOps | None = None
@@ -94,11 +101,13 @@ def _pool_ops() -> _PoolOps:
     global _ops
     if _ops is None:
         module = load_extension()
-        namespace = torch.ops.ouroboros_kernels
+        ns = torch.ops.ouroboros_kernels
         _ops = _PoolOps(module.pool_insert, module.pool_lookup, module.pool_lookup_out,
-                        module.pool_refine,
-                        namespace.pool_insert.default, namespace.pool_lookup.default,
-                        namespace.pool_refine.default)
+                        module.pool_refine, module.pool_insert_packed,
+                        module.pool_lookup_packed_out, module.pool_refine_packed,
+                        ns.pool_insert.default, ns.pool_lookup.default, ns.pool_refine.default,
+                        ns.pool_insert_packed.default, ns.pool_lookup_packed.default,
+                        ns.pool_refine_packed.default)
     return _ops
 
 
@@ -227,6 +236,8 @@ class CandidatePool:
         documented state tensors are strided views of that buffer. On CUDA the state is
         three contiguous tensors (the kernels there read them coalesced).
         """
+        ops = self._ops
+        partial = functools.partial
         if device.type == "cpu":
             row = -(-(3 * W + W * L) // 16) * 16  # int32 per key
             record = _state_tensor((V, row), torch.int32, device)
@@ -237,22 +248,38 @@ class CandidatePool:
             self._first_tokens: torch.Tensor | None = record[:, 2 * W:3 * W]
             self._phrases = record[:, 3 * W:3 * W + W * L].unflatten(1, (W, L))
             self._index_version = record._version
+            self._clock = torch.zeros(1, dtype=torch.int64, device=device)
+            # The ops on the packed buffer, bound to it: (keys, phrases) / (keys, k, *out) /
+            # (keys, slots, phrases). Eager: the direct bindings; compiling: the torch ops
+            # (they mutate the one buffer, not dtype views of it, which AOTAutograd needs).
+            self._insert = partial(ops.insert_packed, record, self._clock, W, L)
+            self._lookup_out = partial(ops.lookup_packed_out, record, W, L)
+            self._refine = partial(ops.refine_packed, record, W, L)
+            self._insert_op = partial(ops.insert_packed_op, record, self._clock, W, L)
+            self._lookup_op = partial(ops.lookup_packed_op, record, W, L)
+            self._refine_op = partial(ops.refine_packed_op, record, W, L)
         else:
             self._record = self._first_tokens = None
             self._phrases = _state_tensor((V, W, L), torch.int32, device).fill_(-1)
             self._stamps = _state_tensor((V, W), torch.int64, device).zero_()
-        self._clock = torch.zeros(1, dtype=torch.int64, device=device)
+            self._clock = torch.zeros(1, dtype=torch.int64, device=device)
+            state = (self._phrases, self._stamps)
+            self._insert = partial(ops.insert, *state, self._clock)
+            self._lookup_out = partial(ops.lookup_out, *state)
+            self._refine = partial(ops.refine, *state)
+            self._insert_op = partial(ops.insert_op, *state, self._clock)
+            self._lookup_op = partial(ops.lookup_op, *state)
+            self._refine_op = partial(ops.refine_op, *state)
         self._device = self._phrases.device  # normalised, e.g. cuda -> cuda:0
 
-    def _index(self) -> torch.Tensor | None:
-        """The first-token index (None on CUDA), rebuilt first if the state was written
-        from outside the pool's ops (through :meth:`state_dict` views: the buffer's
-        version counter moved; the ops themselves write through raw pointers)."""
+    def _sync_index(self) -> None:
+        """Rebuild the CPU first-token index if the state was written from outside the
+        packed ops (through :meth:`state_dict` views, or by the generic ops, which bump
+        the version counter; the packed ops write through raw pointers and keep it)."""
         record = self._record
         if record is not None and record._version != self._index_version:
             self._first_tokens.copy_(self._phrases[:, :, 0])
             self._index_version = record._version
-        return self._first_tokens
 
     # ------------------------------------------------------------------ properties
 
@@ -348,7 +375,7 @@ class CandidatePool:
                 and not _is_compiling():
             # The engine's per-step path, kept short: the op checks everything itself.
             try:
-                self._ops.lookup_out(self._phrases, self._stamps, keys, k, *out)
+                self._lookup_out(keys, k, *out)
             except (TypeError, ValueError):
                 self._diagnose(keys, k=k)
                 raise
@@ -360,16 +387,18 @@ class CandidatePool:
         compiling = _is_compiling()
         try:
             if out is None:
-                op = self._ops.lookup_op if compiling else self._ops.lookup
-                return _make_lookup(PoolLookup, op(self._phrases, self._stamps, keys, k))
+                if compiling:
+                    return _make_lookup(PoolLookup, self._lookup_op(keys, k))
+                # (the generic op reads the CPU pool's strided views as well)
+                return _make_lookup(PoolLookup, self._ops.lookup(self._phrases, self._stamps,
+                                                                 keys, k))
             if out.__class__ is not PoolLookup:
                 out = _lookup_buffers(out)
             if compiling:
-                result = self._ops.lookup_op(self._phrases, self._stamps, keys, k)
-                for buffer, value in zip(out, result, strict=True):
+                for buffer, value in zip(out, self._lookup_op(keys, k), strict=True):
                     buffer.copy_(value)
             else:
-                self._ops.lookup_out(self._phrases, self._stamps, keys, k, *out)
+                self._lookup_out(keys, k, *out)
             return out
         except (TypeError, ValueError):
             self._diagnose(keys, k=k)
@@ -396,14 +425,13 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, phrases=phrases)
-        index = self._index()
         try:
             if _is_compiling():
-                self._ops.insert_op(self._phrases, self._stamps, self._clock, keys, phrases,
-                                    index)
+                self._insert_op(keys, phrases)
             else:
-                self._ops.insert(self._phrases, self._stamps, self._clock, keys, phrases,
-                                 index)
+                if self._record is not None and self._record._version != self._index_version:
+                    self._sync_index()
+                self._insert(keys, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, phrases=phrases)
             raise
@@ -425,12 +453,13 @@ class CandidatePool:
         """
         if validate:
             self._validate(keys, slots=slots, phrases=phrases)
-        index = self._index()
         try:
             if _is_compiling():
-                self._ops.refine_op(self._phrases, self._stamps, keys, slots, phrases, index)
+                self._refine_op(keys, slots, phrases)
             else:
-                self._ops.refine(self._phrases, self._stamps, keys, slots, phrases, index)
+                if self._record is not None and self._record._version != self._index_version:
+                    self._sync_index()
+                self._refine(keys, slots, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, slots=slots, phrases=phrases)
             raise
@@ -455,13 +484,11 @@ class CandidatePool:
         if count <= 0:
             return
         phrases = tokens.unfold(0, L, 1)[1:]  # [count, L]: window t+1 .. t+L for key t
-        index = self._index()
         if _is_compiling():
-            self._ops.insert_op(self._phrases, self._stamps, self._clock, tokens[:count],
-                                phrases, index)
+            self._insert_op(tokens[:count], phrases)
         else:
-            self._ops.insert(self._phrases, self._stamps, self._clock, tokens[:count], phrases,
-                             index)
+            self._sync_index()
+            self._insert(tokens[:count], phrases)
 
     def clear(self) -> None:
         """Empty every slot and reset the clock (no reallocation)."""
@@ -478,8 +505,9 @@ class CandidatePool:
         """The live state tensors (not copies): ``phrases`` int32 [V, W, L], ``stamps``
         int64 [V, W], ``clock`` int64 [1]. On the CPU ``phrases`` and ``stamps`` are
         strided views of the pool's one buffer (not contiguous). Writing into them in
-        place is allowed (the pool notices and rebuilds its first-token index), but
-        :meth:`load_state_dict` is the checked way to set a state."""
+        place (or with the generic ``torch.ops.ouroboros_kernels.pool_*`` ops) is allowed:
+        the pool notices and rebuilds its first-token index; :meth:`load_state_dict` is
+        the checked way to set a state."""
         return {"phrases": self._phrases, "stamps": self._stamps, "clock": self._clock}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -495,7 +523,7 @@ class CandidatePool:
         self._phrases.copy_(state["phrases"])
         self._stamps.copy_(state["stamps"])
         self._clock.copy_(state["clock"])
-        self._index()
+        self._sync_index()
 
     def to(self, device: torch.device | str) -> CandidatePool:
         """Move the state to ``device`` (in place, like ``nn.Module.to``); returns self."""

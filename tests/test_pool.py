@@ -80,7 +80,8 @@ def assert_state_equal(pool: CandidatePool, expected: dict[str, torch.Tensor], w
         if not torch.equal(got, expected[name]):
             diff = (got != expected[name]).nonzero()[:5].tolist()
             raise AssertionError(f"{where}: {name} differs at {diff}")
-    index = pool._index()  # the CPU pool's first-token index, as its next op would use it
+    pool._sync_index()  # the CPU pool's first-token index, as its next op would use it
+    index = pool._first_tokens
     if index is not None and not torch.equal(index, state["phrases"][:, :, 0]):
         raise AssertionError(f"{where}: the first-token index is stale")
 
@@ -215,31 +216,58 @@ def test_registered_ops_match_model():
                           (copy["phrases"], copy["stamps"], keys, torch.tensor([0, 1, 2]), rows))
 
 
-def test_registered_ops_with_the_first_token_index_match_model():
-    """The ops keep the optional first_tokens index (the CPU pool's) up to date and give
-    the same results with it; opcheck covers the optional mutable argument."""
+def test_packed_ops_match_model():
+    """The packed-layout ops (the CPU pool's buffer: stamps, first-token index, phrases per
+    key), through the dispatcher: the model's results, the index kept equal to the phrases'
+    first tokens, and torch.library.opcheck on their schemas and fake kernels."""
     rng = random.Random(7)
     V, W, L = 4, 9, 2
     ops = torch.ops.ouroboros_kernels
     pool, model = CandidatePool(V, W, L), ReferencePool(V, W, L)
-    state, index = pool.state_dict(), pool._first_tokens
+    record, clock, index = pool._record, pool.state_dict()["clock"], pool._first_tokens
     for step, op in enumerate(random_stream(rng, V, W, L, 300, alphabet=2, max_batch=12)):
         args = as_tensors(op, "cpu", rng, L)
         if op[0] == "insert":
-            ops.pool_insert(state["phrases"], state["stamps"], state["clock"], *args, index)
+            ops.pool_insert_packed(record, clock, W, L, *args)
             model.insert(op[1], op[2])
-        elif op[0] == "refine":
-            ops.pool_refine(state["phrases"], state["stamps"], *args, first_tokens=index)
+        elif op[0] == "lookup":
+            result = ops.pool_lookup_packed(record, W, L, *args)
+            assert_lookup_equal(result, model.lookup(op[1], op[2]), f"op {step}")
+        else:
+            ops.pool_refine_packed(record, W, L, *args)
             model.refine(op[1], op[2], op[3])
-        assert torch.equal(index, state["phrases"][:, :, 0]), f"op {step}"
+        assert torch.equal(index, pool.state_dict()["phrases"][:, :, 0]), f"op {step}"
         assert_state_equal(pool, model.state(), f"op {step}")
-    copy = {k: v.clone() for k, v in state.items()}
-    copy_index = copy["phrases"][:, :, 0].clone()
+    copy, copy_clock = record.clone(), clock.clone()
     keys, rows = torch.tensor([1, 3, 1]), torch.tensor([[7, 7], [8, 8], [0, 1]], dtype=torch.int32)
-    torch.library.opcheck(ops.pool_insert.default,
-                          (copy["phrases"], copy["stamps"], copy["clock"], keys, rows, copy_index))
-    torch.library.opcheck(ops.pool_refine.default, (copy["phrases"], copy["stamps"], keys,
-                                                    torch.tensor([0, 1, 2]), rows, copy_index))
+    torch.library.opcheck(ops.pool_insert_packed.default, (copy, copy_clock, W, L, keys, rows))
+    torch.library.opcheck(ops.pool_lookup_packed.default, (copy, W, L, keys, 3))
+    torch.library.opcheck(ops.pool_refine_packed.default,
+                          (copy, W, L, keys, torch.tensor([0, 1, 2]), rows))
+
+
+def test_pool_under_torch_compile():
+    """A compiled function using the pool (the registered packed ops on the CPU buffer)
+    gives the eager results and leaves the index consistent."""
+    pool, ref = CandidatePool(50, 4, 2), CandidatePool(50, 4, 2)
+
+    def step(keys, phrases, out):
+        pool.insert(keys, phrases)
+        pool.refine(keys[:1], torch.tensor([0]), phrases[3:])
+        return pool.lookup(keys[:2], 3), pool.lookup(keys[:2], 3, out=out)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    keys = torch.tensor([1, 2, 1, 3])
+    phrases = torch.tensor([[5, 6], [7, 8], [9, 9], [1, 1]])
+    got, got_out = compiled(keys, phrases, pool.empty_lookup(2, 3))
+    ref.insert(keys, phrases)
+    ref.refine(keys[:1], torch.tensor([0]), phrases[3:])
+    expected = ref.lookup(keys[:2], 3)
+    for a, b, c in zip(got, got_out, expected, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(pool.state_dict()[name], tensor), name
+    assert torch.equal(pool._first_tokens, pool.state_dict()["phrases"][:, :, 0])
 
 
 def test_state_written_through_views_is_seen_by_the_index():
@@ -264,6 +292,19 @@ def test_state_written_through_views_is_seen_by_the_index():
     pool.refine(torch.tensor([2]), torch.tensor([1]), torch.tensor([[1, 1, 1]]))
     assert pool.lookup(torch.tensor([2]), 4).counts.tolist() == [1]
     assert pool.state_dict()["stamps"][2, 1].item() == 0
+
+
+def test_generic_ops_on_the_views_are_seen_by_the_index():
+    """The generic ops on a CPU pool's state_dict() views (strided into its buffer) bump
+    the version counter, so the pool rebuilds its first-token index before its next op."""
+    ops = torch.ops.ouroboros_kernels
+    pool = CandidatePool(4, 3, 2)
+    state = pool.state_dict()
+    ops.pool_insert(state["phrases"], state["stamps"], state["clock"], torch.tensor([1]),
+                    torch.tensor([[4, 5]]))
+    pool.insert(torch.tensor([1]), torch.tensor([[4, 5]]))  # found, not duplicated
+    assert pool.lookup(torch.tensor([1]), 3).counts.tolist() == [1]
+    assert state["stamps"][1].tolist() == [2, 0, 0]
 
 
 def test_pool_made_and_used_under_inference_mode():
@@ -625,11 +666,15 @@ def test_bad_state_passed_to_the_ops_directly():
         ops.pool_lookup(phrases.transpose(0, 1), stamps.t(), keys, 1)
     with pytest.raises(ValueError, match="contiguous"):  # rows of two keys overlap
         ops.pool_lookup(phrases, stamps.as_strided((4, 3), (2, 1)), keys, 1)
-    with pytest.raises(TypeError, match="first_tokens"):
-        ops.pool_insert(phrases, stamps, clock, keys, rows, stamps)
-    with pytest.raises(ValueError, match="first_tokens"):
-        ops.pool_refine(phrases, stamps, keys, torch.tensor([0]), rows,
-                        torch.full((4, 2), -1, dtype=torch.int32))
+    record = torch.full((4, 16), -1, dtype=torch.int32)  # W = 3, L = 2: R >= 15, even
+    with pytest.raises(TypeError, match="pool record: expected int32"):
+        ops.pool_insert_packed(record.long(), clock, 3, 2, keys, rows)
+    with pytest.raises(ValueError, match="pool record: expected a contiguous"):
+        ops.pool_insert_packed(record[:, :14], clock, 3, 2, keys, rows)
+    with pytest.raises(ValueError, match="pool record: expected a contiguous"):
+        ops.pool_lookup_packed(record, 3, 3, keys, 1)  # 3 * (3 + 3) = 18 > 16
+    with pytest.raises(ValueError, match="capacity and phrase_len must be >= 1"):
+        ops.pool_refine_packed(record, 0, 2, keys, torch.tensor([0]), rows)
 
 
 def test_direct_bindings_raise_clear_errors():
@@ -643,21 +688,29 @@ def test_direct_bindings_raise_clear_errors():
     clock = torch.zeros(1, dtype=torch.int64)
     keys, rows = torch.tensor([1]), torch.tensor([[1, 2]])
     out = CandidatePool(3, 2, 2).empty_lookup(1, 2)
-    with pytest.raises(TypeError, match="pool_insert: expected 5 to 6 positional"):
+    record = torch.full((3, 16), -1, dtype=torch.int32)
+    record.view(torch.int64)[:, :2] = 0  # W = 2 empty stamps
+    with pytest.raises(TypeError, match="pool_insert: expected 5 positional"):
         module.pool_insert(phrases, stamps, clock)
     with pytest.raises(TypeError, match="keys: expected a torch.Tensor, got str"):
         module.pool_insert(phrases, stamps, clock, "x", rows)
-    with pytest.raises(TypeError, match="first_tokens: expected a torch.Tensor"):
-        module.pool_refine(phrases, stamps, keys, keys, rows, 3)
     with pytest.raises(TypeError, match="k: expected an int, got bool"):
         module.pool_lookup_out(phrases, stamps, keys, True, *out)
     with pytest.raises(ValueError, match="k: out of the int64 range"):
         module.pool_lookup_out(phrases, stamps, keys, 2**70, *out)
     with pytest.raises(ValueError, match="keys: entry 0 is 5"):
         module.pool_insert(phrases, stamps, clock, torch.tensor([5]), rows)
-    module.pool_insert(phrases, stamps, clock, keys, rows, None)  # None = no index
+    with pytest.raises(TypeError, match="capacity: expected an int, got float"):
+        module.pool_insert_packed(record, clock, 2.0, 2, keys, rows)
+    with pytest.raises(TypeError, match="pool_refine_packed: expected 6 positional"):
+        module.pool_refine_packed(record, 2, 2, keys, rows)
+    module.pool_insert(phrases, stamps, clock, keys, rows)
     module.pool_lookup_out(phrases, stamps, keys, 2, *out)
     assert out.counts.tolist() == [1] and out.phrases[0, 0].tolist() == [1, 2]
+    module.pool_insert_packed(record, clock, 2, 2, keys, rows)
+    module.pool_lookup_packed_out(record, 2, 2, keys, 2, *out)
+    assert out.counts.tolist() == [1] and out.phrases[0, 0].tolist() == [1, 2]
+    assert record[1, 4].item() == 1  # the index holds the first token
 
 
 def test_bad_load_state_dict():

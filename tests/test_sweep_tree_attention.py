@@ -64,7 +64,9 @@ def test_sweep_of_one_shape_on_the_interpreter(monkeypatch, tmp_path):
     output, the fastest (by the stand-in time) is reported, the JSON round-trips."""
     import json
 
-    monkeypatch.setitem(sweep.MODELS, "tiny", (4, 2, 16))  # the dict Shape.heads reads
+    import bench_tree_attention
+
+    monkeypatch.setitem(bench_tree_attention.MODELS, "tiny", (4, 2, 16))  # Shape.heads reads it
     monkeypatch.setattr(sweep, "Case", _CpuCase)
     monkeypatch.setattr(sweep, "fits", lambda config, head_dim: True)
     monkeypatch.setattr(sweep, "device_index", lambda: None)
