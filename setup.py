@@ -7,10 +7,21 @@ honoured by torch's build helper. ``OUROBOROS_FORCE_CPU=1`` forces the CPU build
 
 import glob
 import os
+import sys
 
-import torch
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as error:  # most often: pip's isolated build environment has no torch
+    sys.exit(
+        f"\n[ouroboros] cannot build the extension: torch is not importable here ({error}).\n"
+        "ouroboros-decoding compiles against the torch you run it with, so torch is not a build\n"
+        "requirement (an isolated build would download another, multi-GB torch). Install torch\n"
+        "first, then build without isolation:\n"
+        "    pip install torch          # e.g. torch==2.13.0, the build you will use\n"
+        "    pip install --no-build-isolation <this directory or sdist>\n"
+    )
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 
 def _extension():
