@@ -230,6 +230,25 @@ def run_compiled_step(pool: CandidatePool, s: TensorStep,
     pool.insert(s.insert_keys, s.insert_phrases)
 
 
+def run_compiled_step_by_part(pool: CandidatePool, s: TensorStep,
+                              buffers: dict[int, PoolLookup], parts: dict[str, list[int]]) -> None:
+    """run_compiled_step with a clock read between its parts (appended to ``parts``)."""
+    clock = time.perf_counter_ns
+    t0 = clock()
+    result = None
+    for keys, k in zip(s.lookup_keys, s.lookup_k, strict=True):
+        result = pool.lookup(keys, k, out=buffers[k])
+    t1 = clock()
+    slots = torch.take(result.slots, s.refine_ranks)
+    pool.refine(s.refine_keys, slots, s.refine_phrases)
+    t2 = clock()
+    pool.insert(s.insert_keys, s.insert_phrases)
+    t3 = clock()
+    parts["lookups"].append(t1 - t0)
+    parts["refine"].append(t2 - t1)
+    parts["insert"].append(t3 - t2)
+
+
 def run_python_step(pool: DictListPool, s: Step) -> None:
     """Tuned Python pool, fed ready Python lists (no conversion counted)."""
     for keys, k in zip(s.lookup_keys, s.lookup_k, strict=True):
@@ -307,6 +326,7 @@ class Row:
     python_us: float
     cpu_us: float
     cpu_alloc_us: float
+    cpu_parts_us: tuple[float, float, float]  # lookups, take + refine, insert
     cuda_us: float | None
     cuda_wall_us: float | None
     pool_mib: float
@@ -319,20 +339,24 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
     text, steps = make_stream(V, L, warm_tokens, num_warmup + num_timed, seed=V + L)
     tensor_steps = [to_tensors(s, "cpu") for s in steps]
 
-    # Three pools replay the same steps; each timed step is measured on all three in turn
-    # so that load from other processes hits them alike (the median is then robust).
+    # Five pools replay the same steps (two Python, three compiled); each timed step is
+    # measured on all of them in turn, so that load from other processes hits them alike.
     py_lists, py_published = DictListPool(CAPACITY), DictListPool(CAPACITY)
     python_warm_start(py_lists, text, L)
     python_warm_start(py_published, text, L)
-    pool, pool_alloc = CandidatePool(V, CAPACITY, L), CandidatePool(V, CAPACITY, L)
-    pool.insert_ngrams(torch.from_numpy(text))
-    pool_alloc.insert_ngrams(torch.from_numpy(text))
-    buffers = lookup_buffers(pool)
+    pool, pool_alloc, pool_parts = (CandidatePool(V, CAPACITY, L) for _ in range(3))
+    for compiled in (pool, pool_alloc, pool_parts):
+        compiled.insert_ngrams(torch.from_numpy(text))
+    buffers, buffers_parts = lookup_buffers(pool), lookup_buffers(pool_parts)
+    parts: dict[str, list[int]] = {"lookups": [], "refine": [], "insert": []}
     for s, t in zip(steps[:num_warmup], tensor_steps[:num_warmup], strict=True):
         run_python_step(py_lists, s)
         run_published_style_step(py_published, t)
         run_compiled_step(pool, t, buffers)
         run_compiled_step(pool_alloc, t)
+        run_compiled_step_by_part(pool_parts, t, buffers_parts, parts)
+    for values in parts.values():
+        values.clear()
     gc.collect()
     gc.freeze()  # the benchmark's own data (millions of list items) is not the pools' cost
     runs = {
@@ -340,6 +364,7 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
         "published": lambda s, t: run_published_style_step(py_published, t),
         "compiled": lambda s, t: run_compiled_step(pool, t, buffers),
         "alloc": lambda s, t: run_compiled_step(pool_alloc, t),
+        "parts": lambda s, t: run_compiled_step_by_part(pool_parts, t, buffers_parts, parts),
     }
     names = list(runs)
     times: dict[str, list[int]] = {name: [] for name in names}
@@ -357,9 +382,10 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
     median_us = {name: statistics.median(v) / 1e3 for name, v in times.items()}
     check_agreement(pool, py_lists, sorted({k for s in steps for k in s.insert_keys})[:3000])
     check_agreement(pool, py_published, sorted({k for s in steps for k in s.insert_keys})[:3000])
-    for name, tensor in pool_alloc.state_dict().items():
-        if not torch.equal(tensor, pool.state_dict()[name]):
-            raise AssertionError(f"the two compiled CPU pools disagree ({name})")
+    for other in (pool_alloc, pool_parts):
+        for name, tensor in other.state_dict().items():
+            if not torch.equal(tensor, pool.state_dict()[name]):
+                raise AssertionError(f"the compiled CPU pools disagree ({name})")
 
     cuda_us = cuda_wall_us = None
     if use_cuda:
@@ -377,7 +403,9 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
 
     # Memory: the compiled pool is preallocated; the Python pool grows with use.
     return Row(V, L, median_us["lists"], median_us["published"], median_us["compiled"],
-               median_us["alloc"], cuda_us, cuda_wall_us,
+               median_us["alloc"],
+               tuple(statistics.median(parts[p]) / 1e3 for p in ("lookups", "refine", "insert")),
+               cuda_us, cuda_wall_us,
                pool.nbytes / 2**20,
                python_pool_bytes(py_lists) / 2**20, pool.num_phrases())
 
@@ -423,7 +451,9 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
         "* compiled: through `CandidatePool` (argument checks and Python overhead included); "
         "lookups write into result buffers made once and reused every step "
         "(`lookup(keys, k, out=buffers)`); 'allocating lookups': a second compiled pool "
-        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call)",
+        "replaying the same steps with `lookup(keys, k)` (fresh result tensors per call); 'by "
+        "part': a third one whose step reads the clock between its parts (median of each part: "
+        "the 4 lookups, the `torch.take` of the refined slots + the refine, the insert)",
         f"* load average when the run started: {load_at_start} (other processes share the "
         "cores; every step is timed on all pools in turn, so the ratios hold better than "
         "the absolute times)",
@@ -435,7 +465,8 @@ def header(use_cuda: bool, quick: bool, warm_tokens: int, num_warmup: int,
 def table(rows: list[Row], use_cuda: bool) -> str:
     cols = ["V", "L", "Python pool, published style µs/step", "Python pool, tuned µs/step",
             "compiled CPU µs/step", "CPU speed-up (vs published style / tuned)",
-            "compiled CPU, allocating lookups µs/step"]
+            "compiled CPU, allocating lookups µs/step",
+            "compiled CPU by part µs: lookups / take + refine / insert"]
     if use_cuda:
         cols += ["CUDA µs/step (events, median)", "CUDA µs/step (host wall)",
                  "CUDA speed-up (wall, vs published style)"]
@@ -445,7 +476,8 @@ def table(rows: list[Row], use_cuda: bool) -> str:
         cells = [f"{r.vocab_size}", f"{r.phrase_len}", f"{r.python_us:.1f}",
                  f"{r.python_lists_us:.1f}", f"{r.cpu_us:.1f}",
                  f"{r.python_us / r.cpu_us:.1f}x / {r.python_lists_us / r.cpu_us:.1f}x",
-                 f"{r.cpu_alloc_us:.1f}"]
+                 f"{r.cpu_alloc_us:.1f}",
+                 " / ".join(f"{x:.1f}" for x in r.cpu_parts_us)]
         if use_cuda:
             cells += [f"{r.cuda_us:.1f}", f"{r.cuda_wall_us:.1f}",
                       f"{r.python_us / r.cuda_wall_us:.1f}x"]
