@@ -10,6 +10,13 @@
 #   STEPS=info,install,bench bash benchmarks/run_gpu.sh # a subset of: info install test kernels bench sweep
 #   STEPS=info,install,sweep bash benchmarks/run_gpu.sh # the tree-attention launch-settings sweep
 #                                                       # (not in the default set: ~5 min more)
+#   STEPS=bench BENCH=pool,tree_attention QUICK=1 bash benchmarks/run_gpu.sh
+#                 # only benchmarks/bench_{pool,tree_attention}.py, each with --quick
+#
+# One device call may run 10 minutes and info+install+tests take ~4.5 min on an H100 host,
+# so a full run is best split over back-to-back calls (the machine stays warm between them
+# and keeps the built extension): STEPS=info,install,test,kernels; then STEPS=bench
+# BENCH=pool,tree_attention; then STEPS=sweep; then STEPS=bench BENCH=e2e QUICK=1.
 #   PYTHON=python3.12 WHEELS=wheels bash benchmarks/run_gpu.sh
 #
 # pytest must be importable; if it is not and $WHEELS (default ./wheels) holds wheels
@@ -21,6 +28,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 PY="${PYTHON:-python3}"
 STEPS="${STEPS:-info,install,test,kernels,bench}"
+BENCH="${BENCH:-}"   # comma-separated names (pool, tree_attention, e2e, ...); empty = all
+QUICK="${QUICK:-0}"  # 1: pass --quick to the benchmarks
 WHEELS="${WHEELS:-wheels}"
 # Import the package from this tree even if the editable install below fails.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -109,7 +118,11 @@ fi
 
 if wants bench; then
   for bench in benchmarks/bench_*.py; do
-    step "$(basename "$bench" .py)" 420 "$PY" "$bench" --out "$OUT"
+    name=$(basename "$bench" .py)
+    if [ -n "$BENCH" ] && [[ ",$BENCH," != *",${name#bench_},"* ]]; then continue; fi
+    quick=()
+    if [ "$QUICK" = 1 ] && grep -q -- '"--quick"' "$bench"; then quick=(--quick); fi
+    step "$name" 420 "$PY" "$bench" --out "$OUT" "${quick[@]}"
   done
 fi
 
