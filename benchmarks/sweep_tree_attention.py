@@ -9,8 +9,9 @@ the data to re-fit the heuristic on a card (run it wherever a GPU is at hand).
 
 Grid: block_m in {16, 32, 64, 128} (>= the GQA group, at most the stacked rows rounded up),
 block_n in {32, 64, 128}, num_warps in {4, 8}, num_stages 3 (2 for block_n = 128),
-num_splits in {1, 2, 4, 8, 16, 32} (at least one column tile per split); configs that do not
-fit the shared memory or fail to compile are skipped. Timing as in bench_tree_attention
+num_splits in {1, 2, 4, 8, 16, 32} (at least one column tile per split), each split config also
+with the experimental fused merge (the last split program merges: one launch less); configs
+that do not fit the shared memory or fail to compile are skipped. Timing as in bench_tree_attention
 (CUDA graphs, inputs rotated past the L2 cache).
 
 Usage: ``python benchmarks/sweep_tree_attention.py [--quick] [--out DIR] [--budget-s S]``.
@@ -28,6 +29,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -63,7 +65,10 @@ def candidates(shape: Shape):
             continue
         if splits > 1 and splits * block_n > max_len:
             continue
-        yield TreeAttentionConfig(block_m, block_n, warps, 2 if block_n >= 128 else 3, splits)
+        config = TreeAttentionConfig(block_m, block_n, warps, 2 if block_n >= 128 else 3, splits)
+        yield config
+        if splits > 1:  # the experimental single-launch merge, measured beside the two-kernel one
+            yield replace(config, fused_merge=True)
 
 
 def fits(config, head_dim: int) -> bool:
@@ -125,7 +130,7 @@ def sweep_shape(shape: Shape, deadline: float) -> dict:
 
 def config_text(config) -> str:
     return (f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages} "
-            f"x{config.num_splits}")
+            f"x{config.num_splits}{' fused' if config.fused_merge else ''}")
 
 
 def report(rows, skipped, card, copy_bw, seconds, budget_s) -> list[str]:
@@ -142,7 +147,8 @@ def report(rows, skipped, card, copy_bw, seconds, budget_s) -> list[str]:
         f"`benchmarks/sweep_tree_attention.py` in {seconds:.0f} s: torch "
         f"{torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, Python "
         f"{platform.python_version()}. bf16; copy bandwidth {copy_bw:.0f} GB/s (this run). "
-        "Config = m block_m, n block_n, w warps, s stages, x splits. `% BW` = bytes "
+        "Config = m block_m, n block_n, w warps, s stages, x splits (fused: the last split "
+        "program merges, no second kernel). `% BW` = bytes "
         "(prefix + tree K/V once per KV head, q, out, mask) / time / copy bandwidth.",
         "",
         "| model | B | T | prefix | heuristic | us | % BW | best found | us | % BW | "

@@ -16,7 +16,8 @@ Kernel layout (one program = one KV head x a block of tree rows x one split of t
   computed for ``causal``) and tiles in which no row sees anything are skipped.
 * Split-KV: when ``B x Hkv x row blocks`` programs cannot fill the GPU (small tree, long
   prefix), the column tiles are shared out over ``num_splits`` programs that write partial
-  results and log-sum-exps; a second small kernel merges them.
+  results and log-sum-exps; a second small kernel merges them (or, with the experimental
+  ``fused_merge``, the last split program of each tile merges them: one launch less).
 
 Roofline: with a small tree the kernel reads the prefix K/V once per KV head and is bound by
 HBM bandwidth; with a large tree (prefill) it is bound by tensor-core throughput.
@@ -198,6 +199,7 @@ if triton is not None:
                                    "num_splits"])
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, prefix_lens_ptr, mask_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+        counter_ptr,
         stride_qb, stride_qt, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd,
         stride_vb, stride_vh, stride_vs, stride_vd,
@@ -207,7 +209,7 @@ if triton is not None:
         GROUP: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLIT: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-        FP32: tl.constexpr, EVEN_D: tl.constexpr,
+        FP32: tl.constexpr, EVEN_D: tl.constexpr, FUSED_MERGE: tl.constexpr,
     ):
         row_block = tl.program_id(0)
         batch_head = tl.program_id(1)
@@ -330,6 +332,40 @@ if triton is not None:
             tl.store(part_lse_ptr + flat_row, lse, mask=row_ok)
             tl.store(part_o_ptr + flat_row[:, None] * head_dim + offs_d[None, :], partial,
                      mask=(row_ok & has_any)[:, None] & d_ok[None, :])
+            if FUSED_MERGE:
+                # Take a ticket once this program's partials are written (the barrier orders
+                # every thread's stores before the release); the last of the tile's splits
+                # merges them all and resets the counter for the next launch.
+                tl.debug_barrier()
+                tile = batch_head * tl.num_programs(0) + row_block
+                ticket = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if ticket == num_splits - 1:
+                    row0 = flat_row - (split * num_rows).to(tl.int64)  # split 0's row
+                    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    l_run = tl.zeros([BLOCK_M], tl.float32)
+                    o_run = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                    for other in tl.range(0, num_splits):
+                        at = row0 + (other * num_rows).to(tl.int64)
+                        lse_s = tl.load(part_lse_ptr + at, mask=row_ok, other=float("-inf"),
+                                        cache_modifier=".cg")
+                        m_new = tl.maximum(m_run, lse_s)
+                        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.exp2(m_run - m_safe)
+                        weight = tl.exp2(lse_s - m_safe)
+                        part = tl.load(part_o_ptr + at[:, None] * head_dim + offs_d[None, :],
+                                       mask=(row_ok & (weight > 0.0))[:, None] & d_ok[None, :],
+                                       other=0.0, cache_modifier=".cg")
+                        o_run = o_run * alpha[:, None] + weight[:, None] * part
+                        l_run = l_run * alpha + weight
+                        m_run = m_new
+                    # Rows that saw nothing in any split: 0/0 = NaN, as without splits.
+                    out = o_run / tl.where(row_ok, l_run, 1.0)[:, None]
+                    out_ptrs = (out_ptr + b64 * stride_ob
+                                + tree_row[:, None].to(tl.int64) * stride_ot
+                                + q_head[:, None] * stride_oh + offs_d[None, :] * stride_od)
+                    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & d_ok[None, :])
+                    tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
     @triton.jit(do_not_specialize=["num_rows", "num_new", "num_q_heads", "head_dim",
                                    "num_splits"])
@@ -374,6 +410,10 @@ class TreeAttentionConfig:
     ``block_m``: tile rows (tree rows x the query heads of one KV head, stacked; >= 16 and a
     power of two); ``block_n``: cache columns per tile (>= 16, power of two); ``num_splits``:
     programs sharing the columns of one (row block, KV head), merged by log-sum-exp.
+    ``fused_merge`` (experimental, off by default; it has not yet been measured on a GPU): the
+    last split program of each tile merges the partials itself (an atomic ticket per tile in
+    a per-device counter buffer) instead of a second kernel. One launch at a time per device
+    (the counters are shared): do not run two such launches concurrently on two streams.
     """
 
     block_m: int
@@ -381,6 +421,7 @@ class TreeAttentionConfig:
     num_warps: int
     num_stages: int
     num_splits: int = 1
+    fused_merge: bool = False
 
 
 _MAX_SPLITS = 32  # keeps the merge kernel's [splits, D] tile at <= 32 registers per thread
@@ -456,6 +497,23 @@ def default_config(num_new: int, group: int, head_dim: int, dtype: torch.dtype, 
 # --------------------------------------------------------------------------------------------
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device, count: int) -> torch.Tensor:
+    """``count`` zeroed int32 tickets for the fused split merge, from a buffer kept per device
+    (every launch leaves them zero again). Allocated outside CUDA-graph capture: warm up
+    (one eager call) before capturing."""
+    buffer = _COUNTERS.get(device)
+    if buffer is None or buffer.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("tree_attention with fused_merge: call it once before CUDA "
+                               "graph capture (its ticket counters are allocated then)")
+        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buffer
+    return buffer[:count]
+
+
 def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
             config: TreeAttentionConfig) -> torch.Tensor:
     batch, num_new, num_q_heads, head_dim = q.shape
@@ -492,18 +550,20 @@ def _launch(q, k_cache, v_cache, prefix_lens, tree_mask, causal, scale, out,
         part_o = part_lse = out  # unused
     scale = head_dim ** -0.5 if scale is None else float(scale)
     grid = (triton.cdiv(num_new, rows_per_block), batch * num_kv_heads, config.num_splits)
+    fused = config.fused_merge and config.num_splits > 1
+    counters = _merge_counters(q.device, grid[0] * grid[1]) if fused else prefix_lens
     _tree_attention_kernel[grid](
-        q, k_cache, v_cache, prefix_lens, mask_arg, out, part_o, part_lse,
+        q, k_cache, v_cache, prefix_lens, mask_arg, out, part_o, part_lse, counters,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *mask_strides, *out.stride(),
         num_new, num_kv_heads, max_len, head_dim, num_rows, config.num_splits, scale * _LOG2E,
         GROUP=group, ROWS=rows_per_block,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         SPLIT=config.num_splits > 1, CAUSAL=causal,
         UPCAST=INTERPRET and q.dtype == torch.bfloat16, FP32=q.dtype == torch.float32,
-        EVEN_D=block_d == head_dim,
+        EVEN_D=block_d == head_dim, FUSED_MERGE=fused,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if config.num_splits > 1:
+    if config.num_splits > 1 and not fused:
         splits_pow2 = next_power_of_2(config.num_splits)
         _merge_splits_kernel[(num_rows,)](
             part_o, part_lse, out, *out.stride(),

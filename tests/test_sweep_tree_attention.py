@@ -29,6 +29,8 @@ def test_grid_is_valid_for_the_kernel(model, batch, num_new, prefix):
     # The grid spans the alternatives the heuristic chooses among.
     assert {c.num_splits for c in configs} >= {1, 2, 4, 8}
     assert {c.block_n for c in configs} == {32, 64, 128}
+    fused = {c for c in configs if c.fused_merge}
+    assert fused and all(c.num_splits > 1 for c in fused)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -1,5 +1,6 @@
 """tree_attention: the reference against a naive model, the kernel against the reference."""
 
+import dataclasses
 import importlib
 import os
 import random
@@ -206,14 +207,34 @@ def test_kernel_shared_mask_contiguous():
                     per_sequence_tree=False, strided=False)
 
 
+@pytest.mark.parametrize("fused_merge", [False, True])
 @pytest.mark.parametrize("config, causal, prefix_lens", [
     (TreeAttentionConfig(16, 16, 4, 2, num_splits=3), False, [130, 3]),
     (TreeAttentionConfig(32, 32, 4, 2, num_splits=8), False, [0, 20]),  # most splits empty
     (TreeAttentionConfig(16, 32, 4, 2, num_splits=4), True, [70, 0]),
 ])
-def test_kernel_split_kv(config, causal, prefix_lens):
+def test_kernel_split_kv(config, causal, prefix_lens, fused_merge):
+    config = dataclasses.replace(config, fused_merge=fused_merge)
     run_kernel_case(2, 17, 6, 3, 64, prefix_lens, "random", torch.float16, causal=causal,
                     config=config)
+    if fused_merge:  # every tile's ticket counter is back to zero for the next launch
+        from ouroboros_kernels import tree_attention as module
+
+        counters = importlib.import_module(module.__module__)._COUNTERS
+        assert all(int(buffer.abs().sum()) == 0 for buffer in counters.values())
+
+
+def test_kernel_fused_merge_repeated_launches_agree():
+    """Back-to-back launches reuse the ticket counters: the fused merge gives the two-kernel
+    merge's result every time (fp32, rows of every kind: seen, and seeing nothing)."""
+    q, k_cache, v_cache, prefix, tree_mask = make_case(2, 5, 4, 2, 64, [40, 0],
+                                                       dtype=torch.float32)
+    two_kernels = TreeAttentionConfig(16, 16, 4, 2, num_splits=4)
+    fused = dataclasses.replace(two_kernels, fused_merge=True)
+    want = tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask, config=two_kernels)
+    for _ in range(3):
+        got = tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask, config=fused)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_kernel_decode_without_mask_and_default_out():
@@ -319,14 +340,15 @@ def compile_for_sm90() -> list[dict]:
     target = GPUTarget("cuda", 90, 32)
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     results = []
-    shapes = [  # T, G, D, dtype, causal
-        (1, 4, 128, torch.bfloat16, False),    # decode, split-KV, mma.sync tile
-        (64, 8, 80, torch.float16, False),     # tree, padded head dim, wgmma tile
-        (2048, 1, 128, torch.bfloat16, True),  # prefill
-        (16, 4, 256, torch.float32, False),    # fp32 3xTF32, widest head
+    shapes = [  # T, G, D, dtype, causal, fused split merge
+        (1, 4, 128, torch.bfloat16, False, False),    # decode, split-KV, mma.sync tile
+        (1, 4, 128, torch.bfloat16, False, True),     # ... merged by the last split program
+        (64, 8, 80, torch.float16, False, False),     # tree, padded head dim, wgmma tile
+        (2048, 1, 128, torch.bfloat16, True, False),  # prefill
+        (16, 4, 256, torch.float32, False, False),    # fp32 3xTF32, widest head
     ]
     kernel = module._tree_attention_kernel
-    for num_new, group, head_dim, dtype, causal in shapes:
+    for num_new, group, head_dim, dtype, causal, fused in shapes:
         config = module.default_config(num_new, group, head_dim, dtype, 1, 8, 8192, 0)
         block_d = max(16, triton.next_power_of_2(head_dim))
         split = config.num_splits > 1
@@ -335,7 +357,7 @@ def compile_for_sm90() -> list[dict]:
             signature[name] = "i32"
         for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
             signature[name] = "*" + names[dtype]
-        for name in ("prefix_lens_ptr", "mask_ptr"):
+        for name in ("prefix_lens_ptr", "mask_ptr", "counter_ptr"):
             signature[name] = "*i32"
         for name in ("part_o_ptr", "part_lse_ptr"):
             signature[name] = "*fp32" if split else "*" + names[dtype]
@@ -343,7 +365,8 @@ def compile_for_sm90() -> list[dict]:
         constants = dict(GROUP=group, ROWS=max(1, config.block_m // group),
                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
                          SPLIT=split, CAUSAL=causal, UPCAST=False,
-                         FP32=dtype == torch.float32, EVEN_D=block_d == head_dim)
+                         FP32=dtype == torch.float32, EVEN_D=block_d == head_dim,
+                         FUSED_MERGE=fused and split)
         for name in ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_mw"):
             constants[name] = 1  # unit strides are specialised like this at run time
         for name in constants:
@@ -353,7 +376,7 @@ def compile_for_sm90() -> list[dict]:
         compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=target,
                                  options=dict(num_warps=config.num_warps,
                                               num_stages=config.num_stages))
-        results.append(dict(shape=[num_new, group, head_dim, str(dtype), causal],
+        results.append(dict(shape=[num_new, group, head_dim, str(dtype), causal, fused],
                             config=repr(config), shared=compiled.metadata.shared))
     merge = module._merge_splits_kernel
     signature = {name: "i32" for name in merge.arg_names}
@@ -389,7 +412,8 @@ def test_kernels_compile_for_sm90():
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 6
+    assert len(results) == 7
+    assert results[1]["shape"][-1] and "num_splits=1," not in results[1]["config"]
     for result in results:
         assert 0 < result["shared"] <= SM90_SHARED_LIMIT, result
 
@@ -457,3 +481,33 @@ def test_gpu_cuda_graph_capture():
     want = tree_attention_reference(q.double(), k_cache.double(), v_cache.double(), prefix,
                                     tree_mask)
     torch.testing.assert_close(out.double(), want, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("num_new, splits", [(1, 32), (4, 16), (16, 7)])
+def test_gpu_fused_merge_matches_and_replays(num_new, splits):
+    """The experimental fused split merge (atomic tickets, the last split program merges),
+    compiled: the two-kernel merge's result on many tiles at once, eagerly and replayed 20
+    times from a CUDA graph with fresh queries (a missing fence would show as stale
+    partials), and its counters left at zero."""
+    q, k_cache, v_cache, prefix, tree_mask = make_case(4, num_new, 32, 8, 128,
+                                                       [4000, 17, 2500, 4095],
+                                                       dtype=torch.bfloat16)
+    two_kernels = TreeAttentionConfig(16, 64, 4, 3, num_splits=splits)
+    fused = dataclasses.replace(two_kernels, fused_merge=True)
+    out = torch.empty_like(q)
+    tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask, out=out, config=fused)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask, out=out, config=fused)
+    for _ in range(20):
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        want = tree_attention_triton(q, k_cache, v_cache, prefix, tree_mask,
+                                     config=two_kernels)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    counters = importlib.import_module("ouroboros_kernels.tree_attention")._COUNTERS
+    assert all(int(buffer.abs().sum()) == 0 for buffer in counters.values())
