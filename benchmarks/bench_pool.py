@@ -329,6 +329,8 @@ class Row:
     cpu_parts_us: tuple[float, float, float]  # lookups, take + refine, insert
     cuda_us: float | None
     cuda_wall_us: float | None
+    cuda_cached_us: float | None  # the experimental register-cached insert path
+    cuda_cached_wall_us: float | None
     pool_mib: float
     python_mib: float
     phrases_stored: int
@@ -387,25 +389,37 @@ def bench_config(V: int, L: int, warm_tokens: int, num_warmup: int, num_timed: i
             if not torch.equal(tensor, pool.state_dict()[name]):
                 raise AssertionError(f"the compiled CPU pools disagree ({name})")
 
-    cuda_us = cuda_wall_us = None
+    cuda_times: dict[bool, tuple[float, float]] = {}
     if use_cuda:
-        cuda_pool = CandidatePool(V, CAPACITY, L, device="cuda")
-        cuda_pool.insert_ngrams(torch.from_numpy(text).cuda())
+        from ouroboros_kernels import cuda_insert_cached
+
+        default = cuda_insert_cached()
         cuda_steps = [to_tensors(s, "cuda") for s in steps]
-        cuda_buffers = lookup_buffers(cuda_pool)
-        for s in cuda_steps[:num_warmup]:
-            run_compiled_step(cuda_pool, s, cuda_buffers)
-        cuda_us, cuda_wall_us = time_cuda(
-            lambda s: run_compiled_step(cuda_pool, s, cuda_buffers), cuda_steps[num_warmup:])
-        for name, tensor in cuda_pool.state_dict().items():
-            if not torch.equal(tensor.cpu(), pool.state_dict()[name]):
-                raise AssertionError(f"CUDA and CPU pools disagree ({name})")
+        try:
+            for cached in (False, True):  # the default insert path, then the experimental one
+                cuda_insert_cached(cached)
+                cuda_pool = CandidatePool(V, CAPACITY, L, device="cuda")
+                cuda_pool.insert_ngrams(torch.from_numpy(text).cuda())
+                cuda_buffers = lookup_buffers(cuda_pool)
+                for s in cuda_steps[:num_warmup]:
+                    run_compiled_step(cuda_pool, s, cuda_buffers)
+                cuda_times[cached] = time_cuda(
+                    lambda s, p=cuda_pool, b=cuda_buffers: run_compiled_step(p, s, b),
+                    cuda_steps[num_warmup:])
+                for name, tensor in cuda_pool.state_dict().items():
+                    if not torch.equal(tensor.cpu(), pool.state_dict()[name]):
+                        raise AssertionError(f"CUDA (cached insert: {cached}) and CPU pools "
+                                             f"disagree ({name})")
+        finally:
+            cuda_insert_cached(default)
+    cuda_us, cuda_wall_us = cuda_times.get(False, (None, None))
+    cuda_cached_us, cuda_cached_wall_us = cuda_times.get(True, (None, None))
 
     # Memory: the compiled pool is preallocated; the Python pool grows with use.
     return Row(V, L, median_us["lists"], median_us["published"], median_us["compiled"],
                median_us["alloc"],
                tuple(statistics.median(parts[p]) / 1e3 for p in ("lookups", "refine", "insert")),
-               cuda_us, cuda_wall_us,
+               cuda_us, cuda_wall_us, cuda_cached_us, cuda_cached_wall_us,
                pool.nbytes / 2**20,
                python_pool_bytes(py_lists) / 2**20, pool.num_phrases())
 
@@ -469,7 +483,8 @@ def table(rows: list[Row], use_cuda: bool) -> str:
             "compiled CPU by part µs: lookups / take + refine / insert"]
     if use_cuda:
         cols += ["CUDA µs/step (events, median)", "CUDA µs/step (host wall)",
-                 "CUDA speed-up (wall, vs published style)"]
+                 "CUDA speed-up (wall, vs published style)",
+                 "CUDA, cached insert µs/step (events / wall)"]
     cols += ["phrases stored", "compiled pool MiB", "Python pool MiB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -480,7 +495,8 @@ def table(rows: list[Row], use_cuda: bool) -> str:
                  " / ".join(f"{x:.1f}" for x in r.cpu_parts_us)]
         if use_cuda:
             cells += [f"{r.cuda_us:.1f}", f"{r.cuda_wall_us:.1f}",
-                      f"{r.python_us / r.cuda_wall_us:.1f}x"]
+                      f"{r.python_us / r.cuda_wall_us:.1f}x",
+                      f"{r.cuda_cached_us:.1f} / {r.cuda_cached_wall_us:.1f}"]
         cells += [f"{r.phrases_stored}", f"{r.pool_mib:.1f}", f"{r.python_mib:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -112,6 +112,10 @@ void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor&
                       const at::Tensor& slots, const at::Tensor& new_phrases);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
 int64_t cuda_runtime_build_version();
+// Experimental insert path (the leader warp of a key keeps its row in registers while it
+// applies the key's entries; W <= 32, L <= 8): off by default until measured on a GPU.
+void set_cuda_insert_cached(bool enabled);
+bool cuda_insert_cached();
 #endif
 
 }  // namespace ouroboros

@@ -896,6 +896,9 @@ std::string torch_build_version() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Ouroboros candidate-pool ops (registered as torch.ops.ouroboros_kernels.*)";
 #ifdef OUROBOROS_WITH_CUDA
+  m.def("set_cuda_insert_cached", &ouroboros::set_cuda_insert_cached,
+        "Experimental CUDA insert path: the leader warp keeps the key's row in registers");
+  m.def("cuda_insert_cached", &ouroboros::cuda_insert_cached);
   m.attr("built_with_cuda") = true;
   const int64_t v = ouroboros::cuda_runtime_build_version();
   m.attr("cuda_version") = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);

@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 from ._ext import extension_info  # noqa: E402, F401
 from .acceptance import accept_greedy, accept_sampled  # noqa: E402, F401
 from .compact_kv import compact_kv, compact_kv_reference  # noqa: E402, F401
-from .pool import CandidatePool, PoolFileError, PoolLookup  # noqa: E402, F401
+from .pool import CandidatePool, PoolFileError, PoolLookup, cuda_insert_cached  # noqa: E402, F401
 from .tree import build_tree, pack_tree_mask, unpack_tree_mask  # noqa: E402, F401
 from .tree_attention import tree_attention, tree_attention_reference  # noqa: E402, F401

@@ -47,7 +47,7 @@ import torch
 
 from ._ext import load_extension
 
-__all__ = ["CandidatePool", "PoolFileError", "PoolLookup"]
+__all__ = ["CandidatePool", "PoolFileError", "PoolLookup", "cuda_insert_cached"]
 
 FORMAT_NAME = "ouroboros-candidate-pool"
 FORMAT_VERSION = 1
@@ -109,6 +109,27 @@ def _pool_ops() -> _PoolOps:
                         ns.pool_insert_packed.default, ns.pool_lookup_packed.default,
                         ns.pool_refine_packed.default)
     return _ops
+
+
+def cuda_insert_cached(enabled: bool | None = None) -> bool:
+    """Query (and with ``enabled``, set) the experimental CUDA insert path, process-wide.
+
+    With it, the warp that owns a key keeps the key's W stamps and phrases in registers
+    while it applies all of a batch's entries for that key (W <= 32, L <= 8; otherwise the
+    default path runs), instead of two global-memory round trips per entry. Same results
+    (the GPU tests compare both with the CPU op); off by default until measured on a GPU
+    (``benchmarks/bench_pool.py`` times both). Enabling it needs the CUDA build.
+    """
+    module = load_extension()
+    if enabled is not None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+        if not module.built_with_cuda:
+            if enabled:
+                raise ValueError("enabled: the extension was built without CUDA")
+            return False
+        module.set_cuda_insert_cached(enabled)
+    return bool(module.cuda_insert_cached()) if module.built_with_cuda else False
 
 
 _HUGE_PAGE = 2 << 20

@@ -41,3 +41,16 @@ def test_dict_pool_matches_the_compiled_pool_semantics():
     keys = sorted({k for s in steps for k in s.insert_keys})
     bench_pool.check_agreement(pool, tuned, keys)
     bench_pool.check_agreement(pool, published, keys)
+
+
+def test_table_with_cuda_columns():
+    """The CUDA columns (both insert paths) render from a row as a GPU run fills it."""
+    row = bench_pool.Row(32000, 4, 190.0, 270.0, 20.0, 21.0, (4.0, 1.7, 9.0), 40.0, 45.0,
+                         30.0, 35.0, 17.6, 17.0, 86000)
+    lines = bench_pool.table([row], use_cuda=True).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert len(header) == len(cells) == 15
+    assert cells[header.index("CUDA µs/step (host wall)")] == "45.0"
+    assert cells[header.index("CUDA speed-up (wall, vs published style)")] == "6.0x"
+    assert cells[header.index("CUDA, cached insert µs/step (events / wall)")] == "30.0 / 35.0"

@@ -867,6 +867,31 @@ def _poison_cuda_allocator():
     del junk
 
 
+@pytest.fixture
+def insert_variant():
+    """Select the CUDA insert path for one test; the default is restored afterwards."""
+    from ouroboros_kernels import cuda_insert_cached
+
+    before = cuda_insert_cached()
+    yield cuda_insert_cached
+    cuda_insert_cached(before)
+
+
+def test_cuda_insert_cached_switch():
+    from ouroboros_kernels import cuda_insert_cached, extension_info
+
+    with pytest.raises(TypeError, match="enabled: expected a bool"):
+        cuda_insert_cached(1)
+    assert cuda_insert_cached() is False  # off by default
+    if not extension_info()["built_with_cuda"]:
+        with pytest.raises(ValueError, match="built without CUDA"):
+            cuda_insert_cached(True)
+        assert cuda_insert_cached(False) is False
+    else:
+        assert cuda_insert_cached(True) is True
+        assert cuda_insert_cached(False) is False
+
+
 def _compare_pools(cpu_pool, cuda_pool, where):
     for name, tensor in cpu_pool.state_dict().items():
         got = cuda_pool.state_dict()[name]
@@ -885,9 +910,13 @@ def _compare_pools(cpu_pool, cuda_pool, where):
      (200, 20, 7, 5, 400, 200)],
 )
 @pytest.mark.parametrize("ties", [False, True])
-def test_cuda_matches_cpu_on_random_streams(V, W, L, alphabet, max_batch, num_ops, ties):
+@pytest.mark.parametrize("cached", [False, True])
+def test_cuda_matches_cpu_on_random_streams(V, W, L, alphabet, max_batch, num_ops, ties, cached,
+                                            insert_variant):
     """Same op stream on both devices (fresh random inputs, dtypes mixed); all state and
-    every lookup output compared after every op, with the allocator poisoned first."""
+    every lookup output compared after every op, with the allocator poisoned first. Both
+    CUDA insert paths: the default and the experimental register-cached one."""
+    insert_variant(cached)
     rng = random.Random(V * 7919 + W * 31 + L)
     cpu_pool = CandidatePool(V, W, L)
     cuda_pool = CandidatePool(V, W, L, device="cuda")
@@ -917,11 +946,14 @@ def test_cuda_matches_cpu_on_random_streams(V, W, L, alphabet, max_batch, num_op
 
 @gpu
 @needs_cuda_ops
-def test_cuda_large_batches_cross_chunks():
+@pytest.mark.parametrize("W, cached", [(37, False), (20, False), (20, True)])
+def test_cuda_large_batches_cross_chunks(W, cached, insert_variant):
     """Batches of 2048+ entries (several launches) with one key's entries spread across
-    chunk boundaries, W > 32, int64 phrases, and insert_ngrams of a long sequence."""
+    chunk boundaries, W > 32 (and W <= 32 on both insert paths), int64 phrases, and
+    insert_ngrams of a long sequence."""
+    insert_variant(cached)
     gen = torch.Generator().manual_seed(3)
-    V, W, L = 40, 37, 3
+    V, L = 40, 3
     cpu_pool, cuda_pool = CandidatePool(V, W, L), CandidatePool(V, W, L, device="cuda")
     for M in (2047, 2048, 2049, 6000):
         keys = torch.randint(0, V, (M,), generator=gen)
