@@ -307,6 +307,22 @@ def test_generic_ops_on_the_views_are_seen_by_the_index():
     assert state["stamps"][1].tolist() == [2, 0, 0]
 
 
+def test_deepcopy_is_an_independent_pool():
+    """copy.deepcopy copies the buffer and rebinds the copy's ops to its own buffer."""
+    import copy
+
+    pool = filled_pool()
+    twin = copy.deepcopy(pool)
+    for name, tensor in pool.state_dict().items():
+        assert torch.equal(twin.state_dict()[name], tensor)
+    twin.insert(torch.tensor([3]), torch.tensor([[7, 7, 7]]))
+    before = pool.lookup(torch.tensor([3]), 4)
+    after = twin.lookup(torch.tensor([3]), 4)
+    assert after.phrases[0, 0].tolist() == [7, 7, 7]
+    assert before.phrases[0, 0].tolist() != [7, 7, 7]
+    assert twin._record.data_ptr() != pool._record.data_ptr()
+
+
 def test_pool_made_and_used_under_inference_mode():
     with torch.inference_mode():
         pool = CandidatePool(4, 3, 2)
