@@ -58,6 +58,38 @@ __device__ __forceinline__ int warp_sum_int(int v) {
   return v;
 }
 
+// Arg-min of (stamp, slot) over the warp's candidates (a lane without one passes
+// LLONG_MAX); every lane gets the slot.
+__device__ __forceinline__ int warp_argmin_stamp(long long stamp, int slot) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const long long other_stamp = __shfl_xor_sync(kFull, stamp, off);
+    const int other = __shfl_xor_sync(kFull, slot, off);
+    if (other_stamp < stamp || (other_stamp == stamp && other < slot)) {
+      stamp = other_stamp;
+      slot = other;
+    }
+  }
+  return slot;
+}
+
+// Calls fn(entry) (entry: index in the batch) for every entry of chunk positions
+// [first, n) whose key is `key`, in increasing index; 32 positions are scanned per ballot.
+// Uniform arguments across the warp; fn runs on all lanes.
+template <typename Fn>
+__device__ __forceinline__ void for_each_entry_of_key(const long long* chunk_keys,
+                                                      long long key, int first, int n,
+                                                      int64_t begin, int lane, Fn&& fn) {
+  for (int start = first; start < n; start += kWarp) {
+    const int j = start + lane;
+    unsigned matches = __ballot_sync(kFull, j < n && chunk_keys[j] == key);
+    while (matches) {
+      const int e = start + __ffs(matches) - 1;
+      matches &= matches - 1;
+      fn(begin + e);
+    }
+  }
+}
+
 // 1 = valid phrase, 0 = padding or invalid (the CUDA op skips both; see pool.h).
 template <typename T>
 __device__ __forceinline__ bool phrase_usable(const T* tokens, int64_t L) {
@@ -96,14 +128,7 @@ __device__ void warp_insert(int32_t* prow, int64_t* srow, int64_t W, int64_t L,
   }
   match = warp_min_int(match);
   first_empty = warp_min_int(first_empty);
-  for (int off = kWarp / 2; off > 0; off >>= 1) {  // arg-min of (stamp, slot)
-    const long long other_stamp = __shfl_xor_sync(kFull, oldest_stamp, off);
-    const int other = __shfl_xor_sync(kFull, oldest, off);
-    if (other_stamp < oldest_stamp || (other_stamp == oldest_stamp && other < oldest)) {
-      oldest_stamp = other_stamp;
-      oldest = other;
-    }
-  }
+  oldest = warp_argmin_stamp(oldest_stamp, oldest);
   const int target = match != INT_MAX ? match : (first_empty != INT_MAX ? first_empty : oldest);
   if (target % kWarp == lane) {
     srow[target] = stamp;
@@ -155,58 +180,33 @@ __device__ void warp_insert_cached(int32_t* prow, int64_t* srow, int64_t W, int6
 #pragma unroll
   for (int l = 0; l < kCachedMaxL; ++l) held[l] = (has_slot && l < L) ? prow[lane * L + l] : -1;
   bool dirty = false;
-  for (int start = first; start < n; start += kWarp) {
-    const int j = start + lane;
-    unsigned entries = __ballot_sync(kFull, j < n && chunk_keys[j] == key);
-    while (entries) {
-      const int e = start + __ffs(entries) - 1;
-      entries &= entries - 1;
-      const int64_t entry = begin + e;
-      const T* phrase = tokens + entry * L;
-      int32_t token[kCachedMaxL];
-      bool usable = true;
+  for_each_entry_of_key(chunk_keys, key, first, n, begin, lane, [&](int64_t entry) {
+    const T* phrase = tokens + entry * L;
+    if (!phrase_usable(phrase, L)) return;  // padding or invalid token: skipped (uniform)
+    int32_t token[kCachedMaxL];
 #pragma unroll
-      for (int l = 0; l < kCachedMaxL; ++l) {
-        const long long t = l < L ? static_cast<long long>(phrase[l]) : 0;
-        usable = usable && t >= 0 && t <= INT_MAX;
-        token[l] = static_cast<int32_t>(t);
-      }
-      if (!usable) continue;  // padding or invalid token: skipped (uniform across the warp)
-      bool same = has_slot && stamp != 0;
+    for (int l = 0; l < kCachedMaxL; ++l) token[l] = l < L ? static_cast<int32_t>(phrase[l]) : 0;
+    bool same = has_slot && stamp != 0;
 #pragma unroll
-      for (int l = 0; l < kCachedMaxL; ++l) same = same && (l >= L || held[l] == token[l]);
-      const unsigned match = __ballot_sync(kFull, same);
-      int target;
-      if (match != 0) {
-        target = __ffs(match) - 1;  // phrases of a key are distinct: at most one
-      } else {
-        const unsigned empty = __ballot_sync(kFull, has_slot && stamp == 0);
-        if (empty != 0) {
-          target = __ffs(empty) - 1;  // the lowest empty slot
-        } else {  // the least recent slot, lowest slot on a tie
-          long long low = has_slot ? stamp : LLONG_MAX;
-          int who = lane;
-          for (int off = kWarp / 2; off > 0; off >>= 1) {
-            const long long other_low = __shfl_xor_sync(kFull, low, off);
-            const int other = __shfl_xor_sync(kFull, who, off);
-            if (other_low < low || (other_low == low && other < who)) {
-              low = other_low;
-              who = other;
-            }
-          }
-          target = who;
-        }
-      }
-      if (lane == target) {
-        stamp = base + entry + 1;
-        if (match == 0) {
-#pragma unroll
-          for (int l = 0; l < kCachedMaxL; ++l) held[l] = l < L ? token[l] : held[l];
-        }
-        dirty = true;
-      }
+    for (int l = 0; l < kCachedMaxL; ++l) same = same && (l >= L || held[l] == token[l]);
+    const unsigned match = __ballot_sync(kFull, same);
+    int target;
+    if (match != 0) {
+      target = __ffs(match) - 1;  // phrases of a key are distinct: at most one
+    } else {
+      const unsigned empty = __ballot_sync(kFull, has_slot && stamp == 0);
+      target = empty != 0 ? __ffs(empty) - 1  // the lowest empty slot, else the least recent
+                          : warp_argmin_stamp(has_slot ? stamp : LLONG_MAX, lane);
     }
-  }
+    if (lane == target) {
+      stamp = base + entry + 1;
+      if (match == 0) {
+#pragma unroll
+        for (int l = 0; l < kCachedMaxL; ++l) held[l] = l < L ? token[l] : held[l];
+      }
+      dirty = true;
+    }
+  });
   if (dirty) {
     srow[lane] = stamp;
 #pragma unroll
@@ -246,27 +246,19 @@ __global__ void apply_chunk_kernel(int32_t* __restrict__ phrases, int64_t* __res
     warp_insert_cached(prow, srow, W, L, chunk_keys, key, i, n, begin, tokens, base, lane);
     return;
   }
-  // Apply this key's entries of the chunk in index order: scan 32 entries at a time and
-  // walk the matching ones in increasing index.
-  for (int start = i; start < n; start += kWarp) {
-    const int j = start + lane;
-    unsigned matches = __ballot_sync(kFull, j < n && chunk_keys[j] == key);
-    while (matches) {
-      const int e = start + __ffs(matches) - 1;
-      matches &= matches - 1;
-      const int64_t entry = begin + e;
-      const T* phrase = tokens + entry * L;
-      if (!phrase_usable(phrase, L)) continue;  // padding or invalid token: skipped
-      if (kRefine) {
-        const long long slot = static_cast<long long>(slots[entry]);
-        if (slot < 0 || slot >= W) continue;
-        warp_refine(prow, srow, W, L, static_cast<int>(slot), phrase, lane);
-      } else {
-        warp_insert(prow, srow, W, L, phrase, base + entry + 1, lane);
-      }
-      __syncwarp();
+  // Apply this key's entries of the chunk in index order.
+  for_each_entry_of_key(chunk_keys, key, i, n, begin, lane, [&](int64_t entry) {
+    const T* phrase = tokens + entry * L;
+    if (!phrase_usable(phrase, L)) return;  // padding or invalid token: skipped
+    if (kRefine) {
+      const long long slot = static_cast<long long>(slots[entry]);
+      if (slot < 0 || slot >= W) return;
+      warp_refine(prow, srow, W, L, static_cast<int>(slot), phrase, lane);
+    } else {
+      warp_insert(prow, srow, W, L, phrase, base + entry + 1, lane);
     }
-  }
+    __syncwarp();
+  });
 }
 
 // One warp per key: lane w % 32 ranks slot w among the key's slots by (stamp desc, slot asc).
