@@ -276,6 +276,13 @@ inline void store_phrase(int32_t* stored, const T* tokens, int64_t L) {
   for (int64_t l = 0; l < L; ++l) stored[l] = static_cast<int32_t>(tokens[l]);
 }
 
+// Write a phrase into slot `slot` of `key`, keeping the first-token index (if any) in step.
+template <typename T>
+inline void write_slot(const CpuState& st, int64_t key, int64_t slot, const T* phrase) {
+  store_phrase(st.prow(key) + slot * st.L, phrase, st.L);
+  if (st.firsts != nullptr) st.frow(key)[slot] = static_cast<int32_t>(phrase[0]);
+}
+
 // Bit w set for every w in [0, n) with row[w * stride] == value (n <= 64), branch-free. With
 // a unit stride (the first_tokens index) this is four-lane SSE2 compares.
 inline uint64_t match_mask(const int32_t* row, int64_t stride, int64_t n, int32_t value) {
@@ -412,8 +419,7 @@ void insert_impl(const CpuState& st, int64_t* clock, const int64_t* keys, const 
     }
     target = slot_for_new_phrase(srow, W);
     srow[target] = stamp;
-    store_phrase(st.prow(key) + target * L, phrase, L);
-    if (st.firsts != nullptr) st.frow(key)[target] = static_cast<int32_t>(phrase[0]);
+    write_slot(st, key, target, phrase);
   }
   clock[0] = base + M;
 }
@@ -446,8 +452,7 @@ void refine_impl(const CpuState& st, const int64_t* keys, const S* slots, const 
       for (int64_t l = 0; l < L; ++l) prow[slot * L + l] = -1;
       if (st.firsts != nullptr) st.frow(key)[slot] = -1;
     } else {
-      store_phrase(prow + slot * L, phrase, L);
-      if (st.firsts != nullptr) st.frow(key)[slot] = static_cast<int32_t>(phrase[0]);
+      write_slot(st, key, slot, phrase);
     }
   }
 }

@@ -259,6 +259,7 @@ class CandidatePool:
         """
         ops = self._ops
         partial = functools.partial
+        self._clock = torch.zeros(1, dtype=torch.int64, device=device)
         if device.type == "cpu":
             row = -(-(3 * W + W * L) // 16) * 16  # int32 per key
             record = _state_tensor((V, row), torch.int32, device)
@@ -269,7 +270,6 @@ class CandidatePool:
             self._first_tokens: torch.Tensor | None = record[:, 2 * W:3 * W]
             self._phrases = record[:, 3 * W:3 * W + W * L].unflatten(1, (W, L))
             self._index_version = record._version
-            self._clock = torch.zeros(1, dtype=torch.int64, device=device)
             # The ops on the packed buffer, bound to it: (keys, phrases) / (keys, k, *out) /
             # (keys, slots, phrases). Eager: the direct bindings; compiling: the torch ops
             # (they mutate the one buffer, not dtype views of it, which AOTAutograd needs).
@@ -283,7 +283,6 @@ class CandidatePool:
             self._record = self._first_tokens = None
             self._phrases = _state_tensor((V, W, L), torch.int32, device).fill_(-1)
             self._stamps = _state_tensor((V, W), torch.int64, device).zero_()
-            self._clock = torch.zeros(1, dtype=torch.int64, device=device)
             state = (self._phrases, self._stamps)
             self._insert = partial(ops.insert, *state, self._clock)
             self._lookup_out = partial(ops.lookup_out, *state)
@@ -450,8 +449,7 @@ class CandidatePool:
             if _is_compiling():
                 self._insert_op(keys, phrases)
             else:
-                if self._record is not None and self._record._version != self._index_version:
-                    self._sync_index()
+                self._sync_index()
                 self._insert(keys, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, phrases=phrases)
@@ -478,8 +476,7 @@ class CandidatePool:
             if _is_compiling():
                 self._refine_op(keys, slots, phrases)
             else:
-                if self._record is not None and self._record._version != self._index_version:
-                    self._sync_index()
+                self._sync_index()
                 self._refine(keys, slots, phrases)
         except (TypeError, ValueError):
             self._diagnose(keys, slots=slots, phrases=phrases)
@@ -516,9 +513,7 @@ class CandidatePool:
         self._phrases.fill_(-1)
         self._stamps.zero_()
         self._clock.zero_()
-        if self._record is not None:
-            self._first_tokens.fill_(-1)
-            self._index_version = self._record._version
+        self._sync_index()
 
     # ------------------------------------------------------------------ state
 
