@@ -13,11 +13,47 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
-__all__ = ["COMMAND_MODULES", "TextStream", "main", "register_command"]
+__all__ = ["COMMAND_MODULES", "CLIError", "TextStream", "main", "register_command"]
+
+# The spelling of ``force_architecture`` on the command line (``generate`` and ``demo``).
+FORCE_FLAG = "--force-architecture"
+
+
+class CLIError(SystemExit):
+    """A user error: `main` prints ``ouroboros: error: <message>`` (one line on stderr) and
+    exits with status 2, like argparse's own usage errors. ``str(err)`` is the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Exceptions the package raises for bad input, reported in one line without a traceback:
+# ValueError covers its subclasses (ouroboros_kernels.PoolFileError for an unreadable pool
+# file, ouroboros.cache.CacheOverflowError, ...); FileNotFoundError the missing packaged
+# models (ouroboros.models.load_target / load_draft).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+def cli_message(err: BaseException) -> str:
+    """The one-line message of a user error, with API spellings mapped to the CLI's flags
+    (the architecture refusal's ``force=True`` becomes ``--force-architecture``)."""
+    message = str(err) or type(err).__name__
+    if "force=True" in message:
+        message = re.sub(r"force=True \(or OuroborosConfig\(force_architecture=True\)\)",
+                         FORCE_FLAG, message)
+        message = message.replace("force=True", FORCE_FLAG)
+    return " ".join(message.split())  # one line
 
 # Modules that register extra commands when imported (missing ones are skipped).
 COMMAND_MODULES = ("ouroboros.demo",)
@@ -64,38 +100,96 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
     parser.add_argument("--no-stream", action="store_true",
                         help="print the text at the end instead of streaming it")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (torch.set_num_threads, set before "
+                             "loading; default: torch's own choice)")
+    parser.add_argument(FORCE_FLAG, action="store_true",
+                        help="run models other than the verified LlamaForCausalLM (same as "
+                             "--set force_architecture=true), at your own risk")
 
 
 def _parse_overrides(items: Sequence[str]) -> dict:
     from ouroboros.config import OuroborosConfig
 
-    types = {f.name: f.type for f in fields(OuroborosConfig)}
+    # ``name`` is the method's label, chosen by --method: not settable.
+    types = {f.name: str(f.type) for f in fields(OuroborosConfig) if f.name != "name"}
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
+        name = name.strip()
+        if name == "name":
+            raise CLIError("--set name: not settable (--method names the configuration)")
         if not sep or name not in types:
-            raise SystemExit(f"--set expects FIELD=VALUE with FIELD one of "
-                             f"{', '.join(sorted(types))}; got {item!r}")
-        kind = str(types[name])
+            raise CLIError(f"--set expects FIELD=VALUE with FIELD one of "
+                           f"{', '.join(sorted(types))}; got {item!r}")
+        kind, value = types[name], value.strip()
         if "bool" in kind:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise SystemExit(f"--set {name}: expected true/false, got {value!r}")
+                raise CLIError(f"--set {name}: expected true/false, got {value!r}")
             overrides[name] = value.lower() in ("true", "1", "yes", "on")
         elif "int" in kind:
             try:
                 overrides[name] = int(value)
             except ValueError:
-                raise SystemExit(f"--set {name}: expected an integer, got {value!r}") from None
-        else:
+                raise CLIError(f"--set {name}: expected an integer, got {value!r}") from None
+        elif "str" in kind:
             overrides[name] = None if value.lower() == "none" else value
+        else:  # a field type this parser does not know: refuse rather than pass a string
+            raise CLIError(f"--set {name}: cannot be set from the command line")
     return overrides
 
 
-def _load(path: str, device, dtype):
-    """(model, tokenizer) from a directory or a .gguf file, with ouroboros.models."""
+def _make_config(method: str, overrides: dict):
+    """``OuroborosConfig.preset(method, **overrides)``; an invalid value is a user error
+    with the config's own message."""
+    from ouroboros.config import OuroborosConfig
+
+    try:
+        return OuroborosConfig.preset(method, **overrides)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"--set: {err}" if overrides else str(err)) from err
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {threads}")
+
+
+def _resolve_device_dtype(device: str | None, dtype: str | None):
+    """``(torch.device, torch.dtype)`` from --device / --dtype, as user errors."""
+    from ouroboros.models import resolve_device, resolve_dtype
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as err:
+        raise CLIError(f"--device: {err}") from err
+    try:
+        return resolved, resolve_dtype(dtype, resolved)
+    except ValueError as err:
+        raise CLIError(f"--dtype: {err}") from err
+
+
+def check_model_path(flag: str, path: str) -> None:
+    """A user error unless ``path`` exists (the message names the flag)."""
+    if not os.path.exists(os.path.expanduser(path)):
+        raise CLIError(f"{flag}: no model at {path}")
+
+
+def _load(path: str, device, dtype, flag: str = "--target"):
+    """(model, tokenizer) from a directory or a .gguf file, with ouroboros.models; a path
+    that is missing or cannot be read is a user error naming ``flag``."""
     from ouroboros.models import load_pretrained
 
-    return load_pretrained(path, device=device, dtype=dtype, progress=True)
+    check_model_path(flag, path)
+    is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
+    # A GGUF file that cannot be parsed fails anywhere in the reader (ValueError, struct
+    # errors, KeyError, ...): all of them mean a bad file. A directory: bad or missing files.
+    errors = (Exception,) if is_gguf else (ValueError, OSError)
+    try:
+        return load_pretrained(path, device=device, dtype=dtype, progress=True)
+    except errors as err:
+        what = "cannot read the GGUF file" if is_gguf else "cannot load the model at"
+        raise CLIError(f"{flag}: {what} {path}: {cli_message(err)}") from err
 
 
 class TextStream:
@@ -127,17 +221,40 @@ class TextStream:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ouroboros.config import OuroborosConfig
     from ouroboros.decoder import OuroborosDecoder
 
-    config = OuroborosConfig.preset(args.method, **_parse_overrides(args.set))
+    overrides = _parse_overrides(args.set)
+    if args.force_architecture:
+        overrides["force_architecture"] = True
+    config = _make_config(args.method, overrides)
     if config.use_draft and args.draft is None:
-        raise SystemExit(f"--method {args.method} needs --draft (or use --method lookahead "
-                         "or greedy)")
-    target, tokenizer = _load(args.target, args.device, args.dtype)
+        raise CLIError(f"--method {args.method} needs --draft (or use --method lookahead "
+                       "or greedy)")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0:  # also NaN
+        raise CLIError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.temperature == 0:
+        sampling_flags = [flag for flag, value in (("--top-k", args.top_k),
+                                                   ("--top-p", args.top_p))
+                          if value is not None]
+        if sampling_flags:
+            raise CLIError(f"{' and '.join(sampling_flags)} need(s) sampling: give "
+                           "--temperature > 0 (--temperature 0, the default, decodes greedily)")
+    if args.top_k is not None and args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    _check_threads(args.threads)
+    if args.draft is not None and config.use_draft:
+        check_model_path("--draft", args.draft)
+    device, dtype = _resolve_device_dtype(args.device, args.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    target, tokenizer = _load(args.target, device, dtype, "--target")
     draft = None
     if config.use_draft:
-        draft, _ = _load(args.draft, args.device, args.dtype)
+        draft, _ = _load(args.draft, device, dtype, "--draft")
     if args.chat:
         input_ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
@@ -149,7 +266,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     decoder = OuroborosDecoder(target, draft, config)
     streamer = None if args.no_stream else TextStream(tokenizer, sys.stdout)
     result = decoder.generate(input_ids, args.max_new_tokens,
-                              temperature=args.temperature or None, top_k=args.top_k,
+                              temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, streamer=streamer)
     if streamer is None:
         print(tokenizer.decode(result.new_tokens, skip_special_tokens=True))
@@ -177,18 +294,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ouroboros",
         description="Lossless Ouroboros speculative decoding for Hugging Face Llama models.")
+    debug_help = "on an error, show the Python traceback (default: one line on stderr)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in sorted(_COMMANDS.items()):
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
+        # Accepted after the command too; SUPPRESS keeps a top-level --debug.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=debug_help)
         sub.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ouroboros`` console script."""
+    """Entry point of the ``ouroboros`` console script.
+
+    A user error (a bad flag value, a missing or unreadable model, a configuration the
+    engine refuses, ...) prints ``ouroboros: error: <message>`` on one line of stderr and
+    raises `CLIError` (``SystemExit`` with status 2); ``--debug`` adds the traceback. Other
+    exceptions (bugs) propagate with their traceback."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CLIError as err:
+        _report(err, err.message, args)
+        raise
+    except USER_ERRORS as err:
+        message = cli_message(err)
+        _report(err, message, args)
+        raise CLIError(message) from err
+
+
+def _report(err: BaseException, message: str, args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exception(err, file=sys.stderr)
+    print(f"ouroboros: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an OuroborosConfig field, e.g. --set gamma=8 "
                              "(repeatable)")
+    from ouroboros.cli import FORCE_FLAG
+
+    parser.add_argument(FORCE_FLAG, action="store_true",
+                        help="run models other than the verified LlamaForCausalLM (same as "
+                             "--set force_architecture=true), at your own risk")
     parser.add_argument("--target", default=None,
                         help="another target (HF directory or .gguf; default: embedded "
                              "SmolLM2-135M-Instruct)")
@@ -245,13 +250,28 @@ def _load_pair(args):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ouroboros.cli import _parse_overrides
+    from ouroboros.cli import (
+        CLIError,
+        _check_threads,
+        _make_config,
+        _parse_overrides,
+        _resolve_device_dtype,
+        check_model_path,
+    )
 
     if not 1 <= args.prompts <= len(DEMO_PROMPTS):
-        raise SystemExit(f"--prompts must lie in [1, {len(DEMO_PROMPTS)}], got {args.prompts}")
+        raise CLIError(f"--prompts must lie in [1, {len(DEMO_PROMPTS)}], got {args.prompts}")
     if args.max_new_tokens < 1:
-        raise SystemExit(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     overrides = _parse_overrides(args.set)
+    if args.force_architecture:
+        overrides["force_architecture"] = True
+    _make_config(args.method, overrides)  # an invalid --set value: before the loading
+    _check_threads(args.threads)
+    for flag, path in (("--target", args.target), ("--draft", args.draft)):
+        if path is not None:
+            check_model_path(flag, path)
+    _resolve_device_dtype(args.device, args.dtype)  # a bad --device / --dtype: user error
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
