@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,6 +21,7 @@ from ouroboros.generate import (
     GenerationResult,
     GenerationStats,
     JacobiWindow,
+    LogitRules,
     ModelRunner,
     Session,
     StopRules,
@@ -112,15 +114,87 @@ def _prompt_tokens(input_ids: object) -> list[int]:
     return tokens
 
 
-def _eos_ids(target: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> frozenset:
-    if eos_token_id is None:  # as transformers: the generation config's, else the config's
+def _token_id(value: object, name: str) -> int:
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and \
+            not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must hold int token ids, got {value!r}")
+    return value
+
+
+def _eos_ids(target: torch.nn.Module, eos_token_id: object) -> frozenset:
+    """The EOS set: ``eos_token_id`` (an int, a sequence of ints or an integer tensor) or,
+    when None, the target's generation config's (as transformers), else its config's."""
+    if eos_token_id is None:
         source = getattr(target, "generation_config", None) or target.config
         eos_token_id = getattr(source, "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
-    if isinstance(eos_token_id, int):
-        return frozenset([eos_token_id])
-    return frozenset(int(t) for t in eos_token_id)
+    if isinstance(eos_token_id, (str, bytes)) or isinstance(eos_token_id, float):
+        raise TypeError(f"eos_token_id must be an int, a sequence of ints or None, got "
+                        f"{eos_token_id!r}")
+    if isinstance(eos_token_id, torch.Tensor):
+        if eos_token_id.is_floating_point() or eos_token_id.dtype == torch.bool:
+            raise TypeError(f"eos_token_id must hold integer ids, got dtype "
+                            f"{eos_token_id.dtype}")
+        eos_token_id = eos_token_id.reshape(-1).tolist()
+    if not isinstance(eos_token_id, Sequence):
+        return frozenset([_token_id(eos_token_id, "eos_token_id")])
+    ids = frozenset(_token_id(t, "eos_token_id") for t in eos_token_id)
+    vocab = target.config.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"eos_token_id must lie in [0, {vocab}) (the vocabulary), got "
+                         f"{sorted(ids)}")
+    return ids
+
+
+# Generation-config settings that change what ``target.generate(do_sample=False)`` chooses
+# and that the engine does not apply, with the value that means "off".
+_UNSUPPORTED_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "forced_decoder_ids": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
+
+
+def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset,
+                     ignore_unsupported: bool = False) -> LogitRules | None:
+    """The target's generation-config processors as `LogitRules` (None when there are
+    none): ``suppress_tokens``, ``begin_suppress_tokens``, ``min_new_tokens`` and
+    ``min_length`` are applied per tree node; any other setting that would change greedy
+    decoding (``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ...)
+    raises a ValueError naming it, unless ``ignore_unsupported`` (then it is ignored, and
+    the output equals ``target.generate`` run without it)."""
+    config = getattr(target, "generation_config", None)
+    if config is None:
+        return None
+    if not ignore_unsupported:
+        for name, off in _UNSUPPORTED_SETTINGS.items():
+            value = getattr(config, name, None)
+            if value not in off:
+                raise ValueError(
+                    f"the target's generation_config sets {name}={value!r}, which "
+                    f"ouroboros does not apply (its output would differ from "
+                    f"target.generate); unset it (target.generation_config.{name} = None) "
+                    f"or pass ignore_generation_config=True to decode without it")
+    suppress = sorted(set(getattr(config, "suppress_tokens", None) or []))
+    begin = sorted(set(getattr(config, "begin_suppress_tokens", None) or []))
+    min_new = max(getattr(config, "min_new_tokens", None) or 0,
+                  (getattr(config, "min_length", None) or 0) - prompt_length)
+    if not suppress and not begin and (min_new <= 0 or not eos):
+        return None
+    return LogitRules(suppress=[int(t) for t in suppress], begin_suppress=[int(t) for t in begin],
+                      min_new_tokens=max(min_new, 0), eos=sorted(eos))
 
 
 class OuroborosDecoder:
@@ -168,6 +242,33 @@ class OuroborosDecoder:
             self.pool = CandidatePool(target.config.vocab_size, config.pool_capacity,
                                       config.phrase_len, device=device)
         self._caches: dict[str, StaticKVCache] = {}
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def _check_memory(self, rows: int) -> None:
+        """A clear error before allocating caches larger than the device's memory."""
+        need = 0
+        for model in (self.target, self.draft):
+            if model is not None:
+                config = model.config
+                layers = config.num_hidden_layers
+                heads = getattr(config, "num_key_value_heads", None) or \
+                    config.num_attention_heads
+                dim = getattr(config, "head_dim", None) or \
+                    config.hidden_size // config.num_attention_heads
+                need += 2 * layers * heads * dim * rows * next(model.parameters()).element_size()
+        if self.device.type == "cuda":
+            available = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            try:
+                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                return
+        if need > available:
+            raise ValueError(f"prompt + max_new_tokens ({rows} cache rows) needs "
+                             f"{need / 2**30:.1f} GiB of KV cache, more than the "
+                             f"{available / 2**30:.1f} GiB available on {self.device}; "
+                             f"lower max_new_tokens")
 
     # ------------------------------------------------------------------ pool
 
@@ -211,6 +312,7 @@ class OuroborosDecoder:
                  eos_token_id: int | Sequence[int] | None = None,
                  stop: Callable[[list[int]], bool] | None = None,
                  streamer: Callable[[list[int]], None] | object | None = None,
+                 ignore_generation_config: bool = False,
                  ) -> GenerationResult:
         """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
@@ -231,10 +333,32 @@ class OuroborosDecoder:
             streamer: called with each accepted chunk (``list[int]``) as soon as it is
                 committed; an object with ``put``/``end`` (transformers' streamers) gets
                 ``put(LongTensor chunk)`` and ``end()``.
+            ignore_generation_config: decode without the target's generation-config
+                settings that the engine does not apply (see `generation_rules`); by
+                default they raise a ValueError naming them.
+
+        One decoder runs one ``generate`` at a time: a call from another thread waits for
+        the running one (the pool and the caches are the decoder's); a call from inside a
+        streamer or ``stop`` callback of the same decoder raises a RuntimeError.
 
         Returns:
             `GenerationResult` with ``sequences: int64[1, S + new]`` and ``stats``.
         """
+        if self._owner == threading.get_ident():
+            raise RuntimeError("OuroborosDecoder.generate was called again from inside its own "
+                               "streamer or stop callback; use a second decoder")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                return self._generate(input_ids, max_new_tokens, do_sample, temperature, top_k,
+                                      top_p, seed, generator, eos_token_id, stop, streamer,
+                                      ignore_generation_config)
+            finally:
+                self._owner = None
+
+    def _generate(self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
+                  generator, eos_token_id, stop, streamer,
+                  ignore_generation_config) -> GenerationResult:
         config = self.config
         prompt = _prompt_tokens(input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
@@ -251,6 +375,14 @@ class OuroborosDecoder:
                                  f"({max_new_tokens}) exceeds the {name}'s context of "
                                  f"{limit} tokens")
         sampling = SamplingParams.from_arguments(do_sample, temperature, top_k, top_p)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
+        eos = _eos_ids(self.target, eos_token_id)
+        rules = generation_rules(self.target, len(prompt), eos, ignore_generation_config)
+        self._check_memory(len(prompt) + max_new_tokens + config.cache_margin)
         uniforms = None
         if sampling.do_sample:
             if generator is None:
@@ -264,7 +396,7 @@ class OuroborosDecoder:
                                   device=generator.device).to(self.device)
         if stop is not None and not callable(stop):
             raise TypeError(f"stop must be callable, got {type(stop).__name__}")
-        rules = StopRules(max_new_tokens, _eos_ids(self.target, eos_token_id), stop)
+        stop_rules = StopRules(max_new_tokens, eos, stop)
 
         total = len(prompt) + max_new_tokens + config.cache_margin
         target = self._runner("target", self.target, total + config.largest_target_tree)
@@ -277,7 +409,7 @@ class OuroborosDecoder:
         session = Session(config=config, target=target, draft=draft, pool=self.pool,
                           sampling=sampling, uniforms=uniforms, tokens=list(prompt),
                           prompt_length=len(prompt), max_new_tokens=max_new_tokens,
-                          stats=GenerationStats())
+                          stats=GenerationStats(), rules=rules)
         if self.pool is not None and config.seed_pool_from_prompt:
             session.stats.prompt_ngrams = insert_sequence_ngrams(session, prompt)
         if config.window:
@@ -294,7 +426,7 @@ class OuroborosDecoder:
                 streamer.put(torch.tensor(chunk, dtype=torch.int64))
         elif streamer is not None and not callable(streamer):
             raise TypeError("streamer must be callable or have put()/end() methods")
-        result = run_generation(session, len(prompt), rules, callback)
+        result = run_generation(session, len(prompt), stop_rules, callback)
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
         return result

@@ -41,6 +41,7 @@ __all__ = [
     "GenerationResult",
     "GenerationStats",
     "JacobiWindow",
+    "LogitRules",
     "ModelRunner",
     "TokenTree",
     "run_generation",
@@ -203,8 +204,27 @@ class JacobiWindow:
         picks = torch.randint(len(prompt), (num_rows, size), generator=generator).tolist()
         return cls([[prompt[i] for i in row] for row in picks])
 
-    def attach(self, tree: TokenTree, parent: int) -> list[list[int]]:
-        """Add the window under ``parent``; returns the node of every cell ``[row][col]``."""
+    @property
+    def depth(self) -> int:
+        """Tree levels the window spans below its parent (row j of column c: level c + j)."""
+        return len(self.rows[0]) + len(self.rows) - 1
+
+    def attach(self, tree: TokenTree, parent: int,
+               levels: int | None = None) -> list[list[int]] | None:
+        """Add the window under ``parent``; returns the node of every cell ``[row][col]``.
+
+        With ``levels`` (tree levels available below ``parent``) only the cells of level
+        < ``levels`` are added (cell ``[j][c]`` is at level ``c + j``), and when that cuts
+        any cell None is returned: the partial window is verified (its accepted tokens
+        count) but gives no n-grams and does not advance.
+        """
+        if levels is not None and levels < self.depth:
+            nodes = [tree.add_path(parent, self.rows[0][:max(levels, 0)])]
+            for j, row in enumerate(self.rows[1:], start=1):
+                nodes.append([tree.add_path(above, [token])[0]
+                              for c, (above, token) in enumerate(zip(nodes[-1], row))
+                              if c + j < levels])
+            return None
         first = tree.add_path(parent, self.rows[0])
         nodes = [first]
         for row in self.rows[1:]:
@@ -315,6 +335,39 @@ def accept(tree: TokenTree, choices: torch.Tensor, sampled: bool) -> Acceptance:
 
 
 @dataclass
+class LogitRules:
+    """The logit processors of the target's generation config that greedy decoding applies
+    and the engine honours, per tree row from the row's own output position (so the choice
+    at every node is what ``target.generate`` would choose in that node's context).
+
+    ``suppress``: token ids never chosen (``suppress_tokens``); ``begin_suppress``: ids not
+    chosen as the first new token (``begin_suppress_tokens``); ``eos`` not chosen before
+    ``min_new_tokens`` new tokens (``min_new_tokens`` / ``min_length``).
+    """
+
+    suppress: list[int] = field(default_factory=list)
+    begin_suppress: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0
+    eos: list[int] = field(default_factory=list)
+
+    def apply(self, logits: torch.Tensor, session: Session, tree: TokenTree) -> torch.Tensor:
+        """``logits: [1 + len(tree), V]`` (row 0: after the pending end, row 1 + i: after
+        node i) -> the processed logits (a copy; removed tokens at ``-inf``)."""
+        logits = logits.clone()
+        if self.suppress:
+            logits[:, self.suppress] = float("-inf")
+        generated = len(session.tokens) - session.prompt_length
+        index = torch.tensor([generated] + [generated + d + 1 for d in tree.depths],
+                             device=logits.device)  # the new-token index each row decides
+        if self.begin_suppress and generated == 0:
+            logits[0, self.begin_suppress] = float("-inf")
+        if self.eos and self.min_new_tokens > generated:
+            rows = (index < self.min_new_tokens).nonzero().squeeze(-1)
+            logits[rows[:, None], torch.tensor(self.eos, device=logits.device)] = float("-inf")
+        return logits
+
+
+@dataclass
 class Session:
     """Everything one ``generate`` call works on, passed explicitly to each phase."""
 
@@ -330,10 +383,29 @@ class Session:
     stats: GenerationStats
     draft_window: JacobiWindow | None = None
     target_window: JacobiWindow | None = None
+    rules: LogitRules | None = None  # the target's generation-config processors, if any
 
     @property
     def device(self) -> torch.device:
         return self.target.cache.buffer.device
+
+    @property
+    def last_position(self) -> int:
+        """The largest position greedy decoding feeds: the one of the token before the last
+        new token (``prompt + max_new_tokens - 2``). No tree node, of the target's or the
+        draft's, gets a later position: near the end of the context the trees shrink instead
+        of overshooting, so a position-dependent rotary embedding (``rope_type="dynamic"``)
+        or a learned position table sees exactly the positions greedy decoding uses."""
+        return self.prompt_length + self.max_new_tokens - 2
+
+    def levels(self, first_position: int) -> int:
+        """Tree levels available from ``first_position`` to `last_position`."""
+        return self.last_position - first_position + 1
+
+    def fits(self, first_position: int, depth: int) -> bool:
+        """Whether ``depth`` tree levels starting at ``first_position`` stay within
+        `last_position`."""
+        return first_position + depth - 1 <= self.last_position
 
 
 def pool_phrases(session: Session, key: int, count: int) -> list[tuple[int, list[int]]]:
@@ -393,10 +465,13 @@ def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
     with _Timer(stats, "time_draft"):
         while len(drafted) < budget:
             tree = TokenTree()
+            first = len(session.tokens) + len(drafted)  # the position of a root node
             for _, phrase in pool_phrases(session, pending[-1], config.draft_phrases):
-                tree.add_path(-1, phrase)
-            window_nodes = session.draft_window.attach(tree, -1) if session.draft_window \
-                else None
+                if session.fits(first, len(phrase)):
+                    tree.add_path(-1, phrase)
+            window = session.draft_window
+            window_nodes = window.attach(tree, -1, session.levels(first)) \
+                if window is not None else None
             logits = forward_tree(runner, pending, tree)
             outcome = accept(tree, logits.argmax(dim=-1), sampled=False)
             runner.cache.commit(len(pending), outcome.accepted_idx, outcome.accepted_len,
@@ -445,18 +520,24 @@ def build_verification_tree(session: Session, draft_tokens: list[int],
     already reaches ``budget`` (nothing after it could be emitted)."""
     config = session.config
     tree = TokenTree()
-    draft_nodes = tree.add_path(-1, draft_tokens)
+    draft_nodes = tree.add_path(-1, draft_tokens)  # len(draft_tokens) <= budget: fits
+    first = len(session.tokens)  # the position of a root node
     suffixes = []
     if draft_tokens and config.root_phrases:
         last = session.tokens[-1]
         for slot, phrase in pool_phrases(session, last, config.root_phrases):
-            suffixes.append(Suffix(last, slot, phrase, tree.add_path(-1, phrase), True))
+            if session.fits(first, len(phrase)):
+                suffixes.append(Suffix(last, slot, phrase, tree.add_path(-1, phrase), True))
     anchor = draft_nodes[-1] if draft_nodes else -1
     key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
     num_suffixes = config.num_suffixes if len(draft_tokens) < budget else 0
     for slot, phrase in pool_phrases(session, key, num_suffixes):
-        suffixes.append(Suffix(key, slot, phrase, tree.add_path(anchor, phrase), anchor < 0))
-    window_nodes = session.target_window.attach(tree, -1) if session.target_window else None
+        if session.fits(first + len(draft_tokens), len(phrase)):
+            suffixes.append(Suffix(key, slot, phrase, tree.add_path(anchor, phrase),
+                                   anchor < 0))
+    window = session.target_window
+    window_nodes = window.attach(tree, -1, session.levels(first)) if window is not None \
+        else None
     return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
 
 
@@ -478,6 +559,8 @@ def verify(session: Session, verification: VerificationTree) -> Acceptance:
     with _Timer(stats, "time_verify"):
         pending = session.tokens[session.target.length:]
         logits = forward_tree(session.target, pending, verification.tree)
+        if session.rules is not None:
+            logits = session.rules.apply(logits, session, verification.tree)
         choices = choose_tokens(logits, session.sampling, node_uniforms(session,
                                                                           verification.tree))
         outcome = accept(verification.tree, choices, sampled=session.sampling.do_sample)

@@ -57,6 +57,11 @@ class SamplingParams:
                        top_k: int | None = None, top_p: float | None = None) -> SamplingParams:
         """Greedy unless ``do_sample`` is True, or ``do_sample`` is None and a temperature is
         given (``temperature=0`` means greedy)."""
+        if temperature is not None and (isinstance(temperature, bool) or
+                                        not isinstance(temperature, (int, float)) or
+                                        not temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got "
+                             f"{temperature!r}")
         if do_sample is None:
             do_sample = temperature is not None and temperature > 0
         if not do_sample:
