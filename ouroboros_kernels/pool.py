@@ -38,8 +38,12 @@ never read device data (so never synchronise) unless ``validate=True``.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
+import stat
 import tempfile
+import time
 import zlib
 from typing import Any, NamedTuple
 
@@ -555,8 +559,11 @@ class CandidatePool:
     def save(self, path: str | os.PathLike) -> None:
         """Write the pool to ``path`` (safetensors) atomically.
 
-        The data goes to a temporary file in the same directory, is fsynced, and then
-        renamed over ``path``; a failure at any point leaves an existing file untouched.
+        The data goes to a temporary file ``.<name>.<pid>.<random>.tmp`` in the same
+        directory, is fsynced, given the mode of the file it replaces (else
+        ``0o666 & ~umask``) and renamed over ``path``. A failure at any point removes the
+        temporary file and leaves an existing file untouched; temporary files left by
+        killed saves are removed by the next save.
         """
         from safetensors.torch import save_file
 
@@ -572,21 +579,26 @@ class CandidatePool:
         }
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+        name = os.path.basename(path)
+        _remove_stale_temp_files(directory, name)
+        mode = _file_mode(path)
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp",
                                         dir=directory)
         os.close(fd)
+        replaced = False
         try:
             save_file(tensors, tmp_path, metadata=metadata)
             with open(tmp_path, "rb") as f:
                 os.fsync(f.fileno())
-            os.chmod(tmp_path, 0o644)
+            os.chmod(tmp_path, mode)  # mkstemp creates 0600
             os.replace(tmp_path, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_path)
-            except FileNotFoundError:
-                pass
-            raise
+            replaced = True
+        finally:
+            if not replaced:
+                try:
+                    os.unlink(tmp_path)
+                except OSError:
+                    pass
         try:  # make the rename itself durable
             dir_fd = os.open(directory, os.O_RDONLY)
         except OSError:
@@ -604,23 +616,28 @@ class CandidatePool:
              phrase_len: int | None = None) -> CandidatePool:
         """Read a pool written by :meth:`save` onto ``device`` (default CPU).
 
-        ``vocab_size``/``capacity``/``phrase_len``, when given, must match the file.
-        Raises ``FileNotFoundError`` if there is no file and :class:`PoolFileError` (a
-        ValueError) if it is unreadable, truncated, corrupt, of another format version,
-        or does not match.
+        The file is read once, whole, and parsed from memory, so a load racing a save
+        sees the old or the new file, never a mix. ``vocab_size``/``capacity``/
+        ``phrase_len``, when given, must match the file. Raises ``FileNotFoundError`` if
+        there is no file and :class:`PoolFileError` (a ValueError) if it is unreadable,
+        truncated, corrupt (including phrase tokens outside ``[0, vocab_size)``), of
+        another format version, or does not match.
         """
-        from safetensors import safe_open
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pool file not found: {path}")
         try:
-            with safe_open(path, framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                names = set(f.keys())
-                tensors = {name: f.get_tensor(name) for name in names}
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"pool file not found: {path}") from None
+        except OSError as err:
+            raise PoolFileError(f"{path}: not a readable pool file ({err})") from err
+        try:
+            metadata, tensors = _parse_safetensors(data)
         except Exception as err:  # safetensors raises its own error types
             raise PoolFileError(f"{path}: not a readable pool file ({err})") from err
+        names = set(tensors)
 
         def fail(message: str) -> PoolFileError:
             return PoolFileError(f"{path}: {message}")
@@ -646,11 +663,98 @@ class CandidatePool:
             _validate_state(tensors, dims)
         except (ValueError, TypeError) as err:
             raise fail(str(err)) from err
+        # The ops accept any token, but a file's phrases continue its keys' vocabulary: a
+        # token >= V would index past the model's vocabulary in generate.
+        phrases = tensors["phrases"]
+        if phrases.numel() and int(phrases.max()) >= dims[0]:
+            key, slot, _ = (phrases >= dims[0]).nonzero()[0].tolist()
+            raise fail(f"phrase of key {key} (slot {slot}) holds token "
+                       f"{int(phrases[key, slot].max())}, outside the vocabulary "
+                       f"[0, {dims[0]})")
         if _crc32(tensors) != crc:
             raise fail("checksum mismatch: the file is corrupt")
         pool = cls(*dims, device="cpu" if device is None else device)
         pool._assign(tensors)
         return pool
+
+
+_STALE_TEMP_AGE_S = 600.0  # a temp file untouched this long is a dead save's, whatever its pid
+
+
+def _parse_safetensors(data: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file's bytes."""
+    from safetensors.torch import load
+
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes, too short for a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > len(data) - 8:
+        raise ValueError(f"header of {size} bytes past the end of the file")
+    header = json.loads(data[8:8 + size])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("__metadata__ is not a mapping")
+    return {str(k): v for k, v in metadata.items()}, load(data)
+
+
+def _file_mode(path: str) -> int:
+    """Permission bits for a file saved at ``path``: the existing file's, else the
+    umask's ``0o666 & ~umask``."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # (briefly process-wide elsewhere)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temp_files(directory: str, name: str) -> None:
+    """Best effort: remove ``.<name>.<pid>.<random>.tmp`` files in ``directory`` left by
+    saves that died (their pid is gone, or the file is older than _STALE_TEMP_AGE_S)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+\.tmp")
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        full = os.path.join(directory, entry)
+        try:
+            pid = int(match.group(1))
+            stale = (now - os.lstat(full).st_mtime > _STALE_TEMP_AGE_S
+                     or (pid != os.getpid() and not _pid_alive(pid)))
+            if stale:
+                os.unlink(full)
+        except (OSError, ValueError, OverflowError):
+            pass
 
 
 def _crc32(tensors: dict[str, torch.Tensor]) -> int:
