@@ -165,7 +165,8 @@ def test_load_racing_saves_of_another_process(tmp_path):
         assert saver.stdout.readline().strip() == "ready"
         stamps = [pool.state_dict()["stamps"], filled_pool(seed=2).state_dict()["stamps"]]
         loads = 0
-        while saver.poll() is None or loads < 20:
+        deadline = time.monotonic() + 60
+        while (saver.poll() is None or loads < 20) and time.monotonic() < deadline:
             got = CandidatePool.load(path).state_dict()["stamps"]
             assert any(torch.equal(got, s) for s in stamps)
             loads += 1
@@ -174,6 +175,7 @@ def test_load_racing_saves_of_another_process(tmp_path):
             saver.kill()
         saver.wait(timeout=30)
     assert saver.returncode == 0
+    assert loads >= 20
 
 
 # ----------------------------------------------------------------------------- temp files
