@@ -265,9 +265,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     input_ids = input_ids.to(device=device, dtype=torch.int64)
     decoder = OuroborosDecoder(target, draft, config)
     streamer = None if args.no_stream else TextStream(tokenizer, sys.stdout)
-    result = decoder.generate(input_ids, args.max_new_tokens,
-                              temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, streamer=streamer)
+    temperature = args.temperature if args.temperature > 0 else None  # 0: greedy
+    result = decoder.generate(input_ids, args.max_new_tokens, temperature=temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, streamer=streamer)
     if streamer is None:
         print(tokenizer.decode(result.new_tokens, skip_special_tokens=True))
     else:

@@ -51,13 +51,16 @@ def test_sampling_and_no_stream(model_dir, capsys):
     assert capsys.readouterr().out == first and first.strip()
 
 
-def test_cli_errors(model_dir):
+def test_cli_errors(model_dir, capsys):
     folder, _ = model_dir
-    with pytest.raises(SystemExit, match="needs --draft"):
+    with pytest.raises(SystemExit, match="needs --draft") as exit_info:
         main(["generate", "--target", str(folder), "--prompt", "w1"])
-    with pytest.raises(SystemExit, match="--set expects FIELD=VALUE"):
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("ouroboros: error: --method ouroboros needs")
+    with pytest.raises(SystemExit, match="--set expects FIELD=VALUE") as exit_info:
         main(["generate", "--target", str(folder), "--prompt", "w1", "--method", "greedy",
               "--set", "colour=blue"])
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
