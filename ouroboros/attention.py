@@ -55,7 +55,8 @@ __all__ = [
 
 ATTENTION_NAME = "ouroboros"
 # Architectures whose attention layers were checked against the engine (exactness tests).
-VERIFIED_ARCHITECTURES = ("LlamaForCausalLM",)
+VERIFIED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                          "Qwen3ForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM")
 
 
 @dataclass
@@ -193,13 +194,42 @@ def register() -> None:
 def check_architecture(model: torch.nn.Module, name: str = "model", force: bool = False) -> None:
     """Raise ValueError unless ``model`` is a verified architecture (or ``force``)."""
     architecture = type(model).__name__
+    check_features(model, name)
     if architecture in VERIFIED_ARCHITECTURES or force:
         return
     raise ValueError(
         f"{name} is a {architecture}; the ouroboros engine is verified for "
         f"{', '.join(VERIFIED_ARCHITECTURES)} only. Models with the same attention "
-        f"(Mistral, Qwen2, ...) may work: pass force=True (or "
+        f"may work: pass force=True (or "
         f"OuroborosConfig(force_architecture=True)) to try at your own risk.")
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The attention window the model applies in any layer (None: full attention)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def check_features(model: torch.nn.Module, name: str = "model",
+                   length: int | None = None) -> None:
+    """Raise ValueError for attention features the tree attention does not implement, even
+    with ``force``: attention logit soft-capping, and a sliding window shorter than
+    ``length`` (the prompt plus the new tokens; a longer window never takes effect)."""
+    capping = getattr(model.config, "attn_logit_softcapping", None)
+    if capping is not None:
+        raise ValueError(f"{name} uses attn_logit_softcapping={capping}, which the ouroboros "
+                         f"tree attention does not implement")
+    window = sliding_window(model)
+    if window is not None and length is not None and length >= window:
+        raise ValueError(f"{name} attends within a sliding_window of {window} tokens, which "
+                         f"the ouroboros tree attention does not implement; prompt + "
+                         f"max_new_tokens ({length}) must stay below it")
 
 
 def enable_ouroboros_attention(model: torch.nn.Module, *, force: bool = False) -> str:

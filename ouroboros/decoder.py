@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ouroboros.attention import check_architecture, enable_ouroboros_attention, resolve_backend
+from ouroboros.attention import check_architecture, check_features, enable_ouroboros_attention, resolve_backend
 from ouroboros.cache import StaticKVCache, cache_kwarg_name
 from ouroboros.config import OuroborosConfig
 from ouroboros.generate import (
@@ -382,6 +382,9 @@ class OuroborosDecoder:
                             f"{type(generator).__name__}")
         eos = _eos_ids(self.target, eos_token_id)
         rules = generation_rules(self.target, len(prompt), eos, ignore_generation_config)
+        for name, model in (("target", self.target), ("draft", self.draft)):
+            if model is not None:
+                check_features(model, name, len(prompt) + max_new_tokens)
         self._check_memory(len(prompt) + max_new_tokens + config.cache_margin)
         uniforms = None
         if sampling.do_sample:

@@ -10,7 +10,7 @@ from engine_models import (  # noqa: F401  (single_thread is a fixture)
     single_thread,
     tiny_llama,
 )
-from transformers import MistralConfig, MistralForCausalLM
+from transformers import OlmoConfig, OlmoForCausalLM
 
 import ouroboros
 from ouroboros import OuroborosConfig, OuroborosDecoder
@@ -124,24 +124,25 @@ def test_bad_model_pairs(target):
         OuroborosDecoder(target, target, {"gamma": 3})
 
 
-def tiny_mistral():
-    config = MistralConfig(vocab_size=48, hidden_size=64, intermediate_size=128,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=512, initializer_range=0.2,
-                           sliding_window=None, eos_token_id=2, pad_token_id=0)
+def tiny_olmo():
+    """An architecture outside the verified table (OLMo: Llama-like attention)."""
+    config = OlmoConfig(vocab_size=48, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=512, initializer_range=0.2,
+                        eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    model = MistralForCausalLM(config).eval()
+    model = OlmoForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     return model
 
 
 def test_unverified_architecture_needs_force():
-    model = tiny_mistral()
-    with pytest.raises(ValueError, match="MistralForCausalLM"):
+    model = tiny_olmo()
+    with pytest.raises(ValueError, match="OlmoForCausalLM"):
         OuroborosDecoder(model, None, "lookahead")
-    with pytest.raises(ValueError, match="MistralForCausalLM"):
+    with pytest.raises(ValueError, match="OlmoForCausalLM"):
         ouroboros.enable_ouroboros_attention(model)
-    # Forced, the same attention works (and stays exact) on Mistral.
+    # Forced, the same attention works (and stays exact) on OLMo.
     prompt = random_prompt(6, 48, 3)
     expected = greedy_reference(model, prompt, 20)
     decoder = OuroborosDecoder(model, model, OuroborosConfig(gamma=3, force_architecture=True))
