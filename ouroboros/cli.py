@@ -4,6 +4,10 @@
 models (a Hugging Face directory or a ``.gguf`` file each), streams the generated text to
 stdout and prints the decoding statistics to stderr.
 
+A user error (missing or unreadable model, bad flag value, invalid ``--set``, a model pair
+or architecture the engine refuses) is one line on stderr, ``ouroboros: error: <message>``,
+with exit status 2; ``--debug`` (before or after the command) adds the traceback.
+
 Adding a command (e.g. ``ouroboros demo``): in its module, call
 ``register_command(name, help, add_arguments, run)`` at import time and list the module in
 ``COMMAND_MODULES`` below; ``main`` imports the listed modules that exist.
@@ -104,7 +108,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for torch (torch.set_num_threads, set before "
                              "loading; default: torch's own choice)")
     parser.add_argument(FORCE_FLAG, action="store_true",
-                        help="run models other than the verified LlamaForCausalLM (same as "
+                        help="run an architecture the engine is not verified for (same as "
                              "--set force_architecture=true), at your own risk")
 
 

@@ -210,7 +210,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     from ouroboros.cli import FORCE_FLAG
 
     parser.add_argument(FORCE_FLAG, action="store_true",
-                        help="run models other than the verified LlamaForCausalLM (same as "
+                        help="run an architecture the engine is not verified for (same as "
                              "--set force_architecture=true), at your own risk")
     parser.add_argument("--target", default=None,
                         help="another target (HF directory or .gguf; default: embedded "
