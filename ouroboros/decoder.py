@@ -167,6 +167,38 @@ _UNSUPPORTED_SETTINGS = {
 }
 
 
+_UNSUPPORTED_SAMPLING = {"min_p": (None, 0.0), "typical_p": (None, 1.0),
+                         "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
+
+
+def sampling_from_generation_config(target: torch.nn.Module, sampling: SamplingParams,
+                                    temperature: float | None, top_k: int | None,
+                                    top_p: float | None,
+                                    ignore_unsupported: bool = False) -> SamplingParams:
+    """Sampling as ``target.generate(do_sample=True)`` does it: the arguments not given
+    (None) come from the target's generation config (``temperature``, ``top_k``,
+    ``top_p``); warpers the engine does not apply (``min_p``, ``typical_p``, ...) raise a
+    ValueError naming them unless ``ignore_unsupported``."""
+    config = getattr(target, "generation_config", None)
+    if config is None:
+        return sampling
+    if not ignore_unsupported:
+        for name, off in _UNSUPPORTED_SAMPLING.items():
+            value = getattr(config, name, None)
+            if value not in off:
+                raise ValueError(
+                    f"the target's generation_config sets {name}={value!r}, which ouroboros "
+                    f"does not apply when sampling; unset it or pass "
+                    f"ignore_generation_config=True")
+    fields = {"temperature": sampling.temperature, "top_k": sampling.top_k,
+              "top_p": sampling.top_p}
+    for name, given in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        value = getattr(config, name, None)
+        if given is None and value is not None:
+            fields[name] = value
+    return SamplingParams(True, **fields)
+
+
 def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset,
                      ignore_unsupported: bool = False) -> LogitRules | None:
     """The target's generation-config processors as `LogitRules` (None when there are
@@ -375,6 +407,9 @@ class OuroborosDecoder:
                                  f"({max_new_tokens}) exceeds the {name}'s context of "
                                  f"{limit} tokens")
         sampling = SamplingParams.from_arguments(do_sample, temperature, top_k, top_p)
+        if sampling.do_sample:
+            sampling = sampling_from_generation_config(
+                self.target, sampling, temperature, top_k, top_p, ignore_generation_config)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         if generator is not None and not isinstance(generator, torch.Generator):

@@ -164,3 +164,29 @@ def test_reentrant_call_from_a_streamer_is_refused(pair):
     # The decoder is usable afterwards.
     assert decoder.generate(prompt, 8).sequences.tolist() == \
         greedy_reference(target, prompt, 8).tolist()
+
+
+def test_sampling_takes_the_generation_config_warpers(pair):
+    """Sampling arguments not given come from the target's generation config, as in
+    ``target.generate(do_sample=True)``: top_k=1 there makes sampling greedy."""
+    target, draft = pair
+    prompt = random_prompt(6, VOCAB, 4)
+    target.generation_config.top_k = 1
+    expected = greedy_reference(target, prompt, 16).tolist()
+    for seed in range(3):
+        assert decode(target, draft, "ouroboros", prompt, 16, do_sample=True,
+                      seed=seed) == expected
+    # An explicit argument wins over the generation config.
+    outputs = {tuple(decode(target, draft, "ouroboros", prompt, 16, do_sample=True,
+                            top_k=0, seed=seed)[0]) for seed in range(4)}
+    assert len(outputs) > 1
+
+
+def test_unsupported_sampling_warper_is_refused(pair):
+    target, draft = pair
+    target.generation_config.min_p = 0.1
+    prompt = random_prompt(6, VOCAB, 4)
+    with pytest.raises(ValueError, match="min_p"):
+        decode(target, draft, "ouroboros", prompt, 4, do_sample=True, seed=0)
+    assert decode(target, draft, "ouroboros", prompt, 4) == \
+        greedy_reference(target, prompt, 4).tolist()  # greedy is unaffected
