@@ -519,7 +519,7 @@ def train(
     optimizer = _make_optimizer(student, cfg)
     start_step, history, seconds = 0, [], 0.0
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, history, seconds = state["step"], state["history"], state["seconds"]
@@ -665,7 +665,7 @@ def _records_save(records: list[TeacherRecord], path: Path) -> None:
 
 
 def _records_load(path: Path) -> list[TeacherRecord]:
-    return [TeacherRecord(**r) for r in torch.load(path, weights_only=False)]
+    return [TeacherRecord(**r) for r in torch.load(path, weights_only=True)]
 
 
 def _load_records(folder: Path) -> list[TeacherRecord]:
@@ -879,7 +879,7 @@ def stage_train(args) -> None:
          "of held-out continuations")
     if args.init_from:
         # Continue from a trained draft (its shape and output vocabulary) with a new schedule.
-        state = torch.load(args.init_from, weights_only=False)
+        state = torch.load(args.init_from, weights_only=True)
         draft_cfg = DraftConfig(**state["draft_config"])
         student = DraftStudent(draft_cfg, target.config, state["student"]["output_token_ids"])
         student.load_state_dict(state["student"])
@@ -934,7 +934,7 @@ def stage_export(args) -> None:
     from ouroboros.models import load_target
 
     work_dir, out = Path(args.work_dir), Path(args.out)
-    state = torch.load(work_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(work_dir / "checkpoint.pt", weights_only=True)
     target, tokenizer = load_target(device="cpu", dtype="float32", progress=False)
     draft_cfg = DraftConfig(**state["draft_config"])
     subset = state["student"]["output_token_ids"]

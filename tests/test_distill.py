@@ -155,7 +155,7 @@ def test_training_checkpoints_and_resumes_to_identical_weights(
     summary = train(interrupted, stream, cfg, tmp_path / "resumed", stop_after=3,
                     progress=False)
     assert summary["steps"] == 3
-    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 3
     resumed = _tiny_student(teacher, stream, seed=99)  # different init: must be overwritten
     summary = train(resumed, stream, cfg, tmp_path / "resumed", resume=True, progress=False)
@@ -215,3 +215,20 @@ def test_export_config_round_trip(teacher, stream_and_eval, tmp_path):
     assert config.vocab_size == teacher.config.vocab_size
     assert config.num_hidden_layers == student.config.num_layers
     assert dataclasses.asdict(student.config)["embed_rank"] == 8
+
+
+def test_records_file_cannot_run_code(tmp_path):
+    """Records and checkpoints are loaded with weights_only=True: a crafted pickle that would
+    run code on load is refused instead."""
+    import pickle
+
+    from ouroboros.distill import _records_load
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "records.pt"
+    torch.save([Exploit()], path)
+    with pytest.raises(pickle.UnpicklingError):
+        _records_load(path)
