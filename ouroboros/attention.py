@@ -32,6 +32,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -245,6 +248,33 @@ def enable_ouroboros_attention(model: torch.nn.Module, *, force: bool = False) -
     if previous != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
     return previous
+
+
+_SWITCH_LOCK = threading.Lock()
+_SWITCHED: dict[int, list] = {}  # id(model) -> [users, previous implementation]
+
+
+@contextlib.contextmanager
+def ouroboros_attention(model: torch.nn.Module, *, force: bool = False):
+    """The ``"ouroboros"`` attention for the duration of a ``with`` block, then the model's
+    previous implementation again (so an ``eager`` model keeps eager's numerics and
+    ``output_attentions`` outside the engine). Reference-counted per model: with several
+    decoders on one model in several threads, the last one out restores it."""
+    key = id(model)
+    with _SWITCH_LOCK:
+        entry = _SWITCHED.get(key)
+        if entry is None:
+            entry = _SWITCHED[key] = [0, enable_ouroboros_attention(model, force=force)]
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _SWITCHED[key]
+                if entry[1] != ATTENTION_NAME:
+                    model.set_attn_implementation(entry[1])
 
 
 register()

@@ -8,13 +8,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
 
-from ouroboros.attention import check_architecture, check_features, enable_ouroboros_attention, resolve_backend
+from ouroboros.attention import (
+    check_architecture,
+    check_features,
+    ouroboros_attention,
+    register,
+    resolve_backend,
+)
 from ouroboros.cache import StaticKVCache, cache_kwarg_name
 from ouroboros.config import OuroborosConfig
 from ouroboros.generate import (
@@ -234,8 +241,8 @@ class OuroborosDecoder:
 
     Args:
         target: a ``LlamaForCausalLM`` (other architectures need
-            ``config.force_architecture``); switched to the ``"ouroboros"`` attention, which
-            leaves its ordinary use (``generate()``, forward) exactly as with SDPA.
+            ``config.force_architecture``); switched to the ``"ouroboros"`` attention only
+            while `generate` runs, then back to its own implementation.
         draft: a smaller causal LM with the same tokenizer, or None for the presets without a
             draft (``greedy``, ``lookahead``). May be the target itself.
         config: an `OuroborosConfig`, a preset name, or None (the ``ouroboros`` preset).
@@ -263,9 +270,7 @@ class OuroborosDecoder:
         self.config = config
         self.target = target
         self.draft = draft if config.use_draft else None
-        enable_ouroboros_attention(target, force=config.force_architecture)
-        if self.draft is not None:
-            enable_ouroboros_attention(self.draft, force=config.force_architecture)
+        register()  # the attention is switched only while generate runs
         self.device = device
         self.pool = None
         if config.uses_pool:
@@ -381,10 +386,15 @@ class OuroborosDecoder:
                                "streamer or stop callback; use a second decoder")
         with self._lock:
             self._owner = threading.get_ident()
+            force = self.config.force_architecture
             try:
-                return self._generate(input_ids, max_new_tokens, do_sample, temperature, top_k,
-                                      top_p, seed, generator, eos_token_id, stop, streamer,
-                                      ignore_generation_config)
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(ouroboros_attention(self.target, force=force))
+                    if self.draft is not None:
+                        stack.enter_context(ouroboros_attention(self.draft, force=force))
+                    return self._generate(input_ids, max_new_tokens, do_sample, temperature,
+                                          top_k, top_p, seed, generator, eos_token_id, stop,
+                                          streamer, ignore_generation_config)
             finally:
                 self._owner = None
 

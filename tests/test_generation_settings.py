@@ -190,3 +190,45 @@ def test_unsupported_sampling_warper_is_refused(pair):
         decode(target, draft, "ouroboros", prompt, 4, do_sample=True, seed=0)
     assert decode(target, draft, "ouroboros", prompt, 4) == \
         greedy_reference(target, prompt, 4).tolist()  # greedy is unaffected
+
+
+def test_model_attention_is_restored_after_generate():
+    """An eager model stays eager outside the engine (its numerics, output_attentions)."""
+    target = tiny_llama(11, vocab=VOCAB, attn="eager")
+    decoder = OuroborosDecoder(target, perturbed(target, 0.05, seed=4), "ouroboros")
+    assert target.config._attn_implementation == "eager"
+    prompt = random_prompt(6, VOCAB, 0)
+    expected = greedy_reference(target, prompt, 12).tolist()
+    assert decoder.generate(prompt, 12).sequences.tolist() == expected
+    assert target.config._attn_implementation == "eager"
+    with torch.no_grad():
+        attentions = target(prompt, output_attentions=True).attentions
+    assert len(attentions) == 2 and attentions[0].shape == (1, 4, 6, 6)
+
+
+def test_two_decoders_on_one_model_in_two_threads(pair):
+    """The attention switch is counted per model: one decoder ending does not switch the
+    model back under another that is still running."""
+    target, draft = pair
+    prompts = [random_prompt(6, VOCAB, s) for s in range(4)]
+    expected = [greedy_reference(target, p, 16).tolist() for p in prompts]
+    decoders = [OuroborosDecoder(target, draft, "ouroboros") for _ in range(2)]
+    errors, results = [], {}
+
+    def work(index: int) -> None:
+        try:
+            for j in range(index, len(prompts), 2):
+                for _ in range(3):
+                    results.setdefault(j, []).append(
+                        decoders[index].generate(prompts[j], 16).sequences.tolist())
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert all(outputs == [expected[j]] * 3 for j, outputs in results.items())
+    assert target.config._attn_implementation == "sdpa"
