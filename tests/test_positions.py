@@ -4,6 +4,8 @@ tables see exactly greedy's positions (issue: trees overshooting the context).""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from engine_models import (  # noqa: F401  (single_thread is a fixture)
@@ -61,3 +63,26 @@ def test_dynamic_rope_at_the_end_of_the_context(target, name, seed):
     decoder = OuroborosDecoder(target, draft, CONFIGS[name]())
     result = decoder.generate(prompt, new)
     assert result.sequences.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_learned_positions_at_the_end_of_the_context(name):
+    """GPT-2 (forced; learned position table of 32 rows): a node past the table was an
+    IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=VOCAB, n_positions=CONTEXT, n_embd=64, n_layer=2, n_head=4,
+                        initializer_range=0.2, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    target = GPT2LMHeadModel(config).eval()
+    target.generation_config.eos_token_id = None
+    target.generation_config.pad_token_id = 0
+    for seed in range(3):
+        base = random_prompt(4, VOCAB, seed)
+        prompt = base.repeat(1, 5)
+        expected = greedy_reference(target, prompt, CONTEXT - 20)
+        draft = perturbed(target, 0.02, seed=seed) if name != "lookahead" else None
+        config = dataclasses.replace(CONFIGS[name](), force_architecture=True)
+        decoder = OuroborosDecoder(target, draft, config)
+        assert decoder.generate(prompt, CONTEXT - 20).sequences.tolist() == expected.tolist()
