@@ -159,11 +159,8 @@ def _eos_ids(target: torch.nn.Module, eos_token_id: object) -> frozenset:
 # Generation-config settings that change what ``target.generate(do_sample=False)`` chooses
 # and that the engine does not apply, with the value that means "off".
 _UNSUPPORTED_SETTINGS = {
-    "repetition_penalty": (None, 1.0),
     "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
     "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
     "sequence_bias": (None,),
     "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,),
@@ -209,10 +206,10 @@ def sampling_from_generation_config(target: torch.nn.Module, sampling: SamplingP
 def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset,
                      ignore_unsupported: bool = False) -> LogitRules | None:
     """The target's generation-config processors as `LogitRules` (None when there are
-    none): ``suppress_tokens``, ``begin_suppress_tokens``, ``min_new_tokens`` and
-    ``min_length`` are applied per tree node; any other setting that would change greedy
-    decoding (``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ...)
-    raises a ValueError naming it, unless ``ignore_unsupported`` (then it is ignored, and
+    none): ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
+    ``suppress_tokens``, ``begin_suppress_tokens``, ``min_new_tokens`` and ``min_length``
+    are applied per tree node from that node's own context; any other setting that would
+    change greedy decoding (``sequence_bias``, forced tokens, ...) raises a ValueError naming it, unless ``ignore_unsupported`` (then it is ignored, and
     the output equals ``target.generate`` run without it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
@@ -230,10 +227,19 @@ def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset
     begin = sorted(set(getattr(config, "begin_suppress_tokens", None) or []))
     min_new = max(getattr(config, "min_new_tokens", None) or 0,
                   (getattr(config, "min_length", None) or 0) - prompt_length)
-    if not suppress and not begin and (min_new <= 0 or not eos):
+    penalty = getattr(config, "repetition_penalty", None)
+    penalty = None if penalty in (None, 1.0) else float(penalty)
+    no_repeat = int(getattr(config, "no_repeat_ngram_size", None) or 0)
+    bad_words = [list(map(int, word)) for word in getattr(config, "bad_words_ids", None) or []]
+    if any(not word for word in bad_words):
+        raise ValueError("the target's generation_config.bad_words_ids holds an empty word")
+    if not suppress and not begin and (min_new <= 0 or not eos) and penalty is None and \
+            not no_repeat and not bad_words:
         return None
     return LogitRules(suppress=[int(t) for t in suppress], begin_suppress=[int(t) for t in begin],
-                      min_new_tokens=max(min_new, 0), eos=sorted(eos))
+                      min_new_tokens=max(min_new, 0), eos=sorted(eos),
+                      repetition_penalty=penalty, no_repeat_ngram_size=no_repeat,
+                      bad_words=bad_words)
 
 
 class OuroborosDecoder:

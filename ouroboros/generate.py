@@ -349,11 +349,20 @@ class LogitRules:
     begin_suppress: list[int] = field(default_factory=list)
     min_new_tokens: int = 0
     eos: list[int] = field(default_factory=list)
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int = 0
+    bad_words: list[list[int]] = field(default_factory=list)
+
+    @property
+    def needs_context(self) -> bool:
+        return bool(self.repetition_penalty or self.no_repeat_ngram_size or self.bad_words)
 
     def apply(self, logits: torch.Tensor, session: Session, tree: TokenTree) -> torch.Tensor:
         """``logits: [1 + len(tree), V]`` (row 0: after the pending end, row 1 + i: after
         node i) -> the processed logits (a copy; removed tokens at ``-inf``)."""
         logits = logits.clone()
+        if self.needs_context:
+            self._apply_context_rules(logits, session.tokens, tree)
         if self.suppress:
             logits[:, self.suppress] = float("-inf")
         generated = len(session.tokens) - session.prompt_length
@@ -365,6 +374,51 @@ class LogitRules:
             rows = (index < self.min_new_tokens).nonzero().squeeze(-1)
             logits[rows[:, None], torch.tensor(self.eos, device=logits.device)] = float("-inf")
         return logits
+
+    def _apply_context_rules(self, logits: torch.Tensor, committed: list[int],
+                             tree: TokenTree) -> None:
+        """The rules that read the text so far, each row with its own context: the committed
+        tokens followed by the path to the row's node (in place, in transformers' order:
+        repetition penalty, no-repeat n-grams, bad words)."""
+        paths: list[list[int]] = []  # paths[i]: the tokens from the pending end to node i
+        for token, parent in zip(tree.tokens, tree.parents):
+            paths.append((paths[parent] if parent >= 0 else []) + [token])
+        contexts = [[]] + paths  # row r's context is committed + contexts[r]
+        if self.repetition_penalty:
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            seen[:, torch.tensor(sorted(set(committed)), device=logits.device)] = True
+            for row, path in enumerate(contexts):
+                if path:
+                    seen[row, torch.tensor(path, device=logits.device)] = True
+            penalty = self.repetition_penalty
+            penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+            logits.copy_(torch.where(seen, penalised, logits))
+        n = self.no_repeat_ngram_size
+        if n:
+            following: dict[tuple, set] = {}
+            for start in range(len(committed) - n + 1):
+                gram = committed[start:start + n]
+                following.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+            for row, path in enumerate(contexts):
+                if len(committed) + len(path) + 1 < n:  # as transformers: too short yet
+                    continue
+                text = committed[max(0, len(committed) - (n - 1)):] + path if n > 1 else path
+                banned = set(following.get(tuple(text[len(text) - n + 1:]) if n > 1 else (),
+                                           ()))
+                # The n-grams that end inside the path (the others are in `following`).
+                prefix = tuple(text[len(text) - n + 1:]) if n > 1 else ()
+                for end in range(max(len(text) - len(path), n - 1), len(text)):
+                    if tuple(text[end - n + 1:end]) == prefix:
+                        banned.add(text[end])
+                if banned:
+                    logits[row, sorted(banned)] = float("-inf")
+        for word in self.bad_words:
+            head, last = word[:-1], word[-1]
+            for row, path in enumerate(contexts):
+                tail = (committed[max(0, len(committed) - len(head)):] + path)[-len(head):] \
+                    if head else []
+                if tail == head:
+                    logits[row, last] = float("-inf")
 
 
 @dataclass

@@ -76,9 +76,35 @@ def test_min_new_tokens_as_generate(pair, preset, setting):
     assert decode(target, draft, preset, prompt, 30, eos_token_id=eos) == expected.tolist()
 
 
-@pytest.mark.parametrize("name,value", [("repetition_penalty", 1.3),
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name,value", [("repetition_penalty", 1.5),
+                                        ("repetition_penalty", 0.7),
+                                        ("no_repeat_ngram_size", 1),
                                         ("no_repeat_ngram_size", 2),
-                                        ("bad_words_ids", [[5]]),
+                                        ("no_repeat_ngram_size", 3),
+                                        ("bad_words_ids", "frequent")])
+def test_context_rules_as_generate(pair, preset, name, value):
+    """Rules that read the text so far: each tree node is judged in its own context."""
+    target, draft = pair
+    changed = 0
+    for seed in range(3):
+        # Repetitive prompts: the pool proposes repeats, which the rules then forbid.
+        prompt = random_prompt(4, VOCAB, seed).repeat(1, 4)
+        setting = value
+        if value == "frequent":
+            out = greedy_reference(target, prompt, 24)[0, prompt.shape[1]:].tolist()
+            setting = [[out[3]], [out[5], out[6]], [out[0], out[1], out[2]]]
+        setattr(target.generation_config, name, setting)
+        expected = greedy_reference(target, prompt, 24)
+        setattr(target.generation_config, name, None)
+        changed += expected.tolist() != greedy_reference(target, prompt, 24).tolist()
+        setattr(target.generation_config, name, setting)
+        assert decode(target, draft, preset, prompt, 24) == expected.tolist(), seed
+    assert changed  # the setting mattered for at least one prompt
+
+
+@pytest.mark.parametrize("name,value", [("sequence_bias", {(5,): 2.0}),
+                                        ("guidance_scale", 1.5),
                                         ("forced_eos_token_id", EOS)])
 def test_unsupported_settings_are_refused_by_name(pair, name, value):
     target, draft = pair
