@@ -1,6 +1,7 @@
 """Random exactness fuzz: random architectures of the verified table, presets and
 configurations, prompts (repetitive or not), budgets, EOS sets, contexts that end right
-after the budget and generation-config processors, each compared token for token with
+after the budget and generation-config processors (suppress_tokens, repetition_penalty,
+no_repeat_ngram_size), each compared token for token with
 ``target.generate(do_sample=False)`` (float32).
 
     python tests/fuzz_exact.py --cases 1000 [--seed 0]
@@ -64,6 +65,11 @@ def random_case(rng: random.Random) -> dict:
         "repeat": rng.random() < 0.5, "new": new,
         "eos_from_output": rng.random() < 0.3,
         "suppress": rng.random() < 0.15,
+        "processors": rng.choice([{}] * 6 + [{"repetition_penalty": 1.3},
+                                             {"no_repeat_ngram_size": 2},
+                                             {"no_repeat_ngram_size": 3},
+                                             {"repetition_penalty": 0.8,
+                                              "no_repeat_ngram_size": 4}]),
     }
 
 
@@ -86,6 +92,9 @@ def run_case(case: dict) -> tuple[list, list]:
         kwargs["eos_token_id"] = [out[len(out) // 2]]
     if case["suppress"]:
         target.generation_config.suppress_tokens = [out[0]]
+    processors = case.get("processors", {})
+    for name, value in processors.items():
+        setattr(target.generation_config, name, value)
     try:
         with torch.no_grad():
             expected = target.generate(prompt, max_new_tokens=case["new"], do_sample=False,
@@ -97,6 +106,8 @@ def run_case(case: dict) -> tuple[list, list]:
             prompt, case["new"], **kwargs).sequences.tolist()
     finally:
         target.generation_config.suppress_tokens = None
+        for name in processors:
+            setattr(target.generation_config, name, None)
     return expected, got
 
 
