@@ -175,6 +175,18 @@ _UNSUPPORTED_SAMPLING = {"min_p": (None, 0.0), "typical_p": (None, 1.0),
                          "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0)}
 
 
+def _refuse_settings(config: object, table: dict, why: str) -> None:
+    """ValueError naming the first setting of ``table`` that ``config`` sets to a value
+    other than its "off" values."""
+    for name, off in table.items():
+        value = getattr(config, name, None)
+        if value not in off:
+            raise ValueError(
+                f"the target's generation_config sets {name}={value!r}, which ouroboros does "
+                f"not apply {why}; unset it (target.generation_config.{name} = None) or pass "
+                f"ignore_generation_config=True to decode without it")
+
+
 def sampling_from_generation_config(target: torch.nn.Module, sampling: SamplingParams,
                                     temperature: float | None, top_k: int | None,
                                     top_p: float | None,
@@ -187,13 +199,7 @@ def sampling_from_generation_config(target: torch.nn.Module, sampling: SamplingP
     if config is None:
         return sampling
     if not ignore_unsupported:
-        for name, off in _UNSUPPORTED_SAMPLING.items():
-            value = getattr(config, name, None)
-            if value not in off:
-                raise ValueError(
-                    f"the target's generation_config sets {name}={value!r}, which ouroboros "
-                    f"does not apply when sampling; unset it or pass "
-                    f"ignore_generation_config=True")
+        _refuse_settings(config, _UNSUPPORTED_SAMPLING, "when sampling")
     fields = {"temperature": sampling.temperature, "top_k": sampling.top_k,
               "top_p": sampling.top_p}
     for name, given in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
@@ -209,20 +215,15 @@ def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset
     none): ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``,
     ``suppress_tokens``, ``begin_suppress_tokens``, ``min_new_tokens`` and ``min_length``
     are applied per tree node from that node's own context; any other setting that would
-    change greedy decoding (``sequence_bias``, forced tokens, ...) raises a ValueError naming it, unless ``ignore_unsupported`` (then it is ignored, and
-    the output equals ``target.generate`` run without it)."""
+    change greedy decoding (``sequence_bias``, forced tokens, ...) raises a ValueError
+    naming it, unless ``ignore_unsupported`` (then it is ignored, and the output equals
+    ``target.generate`` run without it)."""
     config = getattr(target, "generation_config", None)
     if config is None:
         return None
     if not ignore_unsupported:
-        for name, off in _UNSUPPORTED_SETTINGS.items():
-            value = getattr(config, name, None)
-            if value not in off:
-                raise ValueError(
-                    f"the target's generation_config sets {name}={value!r}, which "
-                    f"ouroboros does not apply (its output would differ from "
-                    f"target.generate); unset it (target.generation_config.{name} = None) "
-                    f"or pass ignore_generation_config=True to decode without it")
+        _refuse_settings(config, _UNSUPPORTED_SETTINGS, "(its output would differ from "
+                         "target.generate)")
     suppress = sorted(set(getattr(config, "suppress_tokens", None) or []))
     begin = sorted(set(getattr(config, "begin_suppress_tokens", None) or []))
     min_new = max(getattr(config, "min_new_tokens", None) or 0,

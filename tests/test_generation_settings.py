@@ -154,21 +154,18 @@ def test_huge_max_new_tokens_fails_before_allocating():
         decoder.generate([5, 6, 7], 10**11)
 
 
-def test_two_threads_share_one_decoder(pair):
-    target, draft = pair
-    decoder = OuroborosDecoder(target, draft, "ouroboros")
-    prompts = [random_prompt(6, VOCAB, s) for s in range(6)]
-    expected = [greedy_reference(target, p, 16).tolist() for p in prompts]
+def in_two_threads(run, count: int, repeats: int = 3) -> dict[int, list]:
+    """Thread ``index`` (0 or 1) calls ``run(index, j)`` ``repeats`` times for every ``j`` of
+    its parity below ``count``; returns ``{j: [sequences as lists]}``, re-raising any error."""
     results: dict[int, list] = {}
     errors: list[BaseException] = []
 
     def work(index: int) -> None:
         try:
-            for _ in range(3):
-                for j in range(index, len(prompts), 2):
-                    results.setdefault(j, []).append(
-                        decoder.generate(prompts[j], 16).sequences.tolist())
-        except BaseException as err:  # noqa: BLE001  (reported below)
+            for j in range(index, count, 2):
+                for _ in range(repeats):
+                    results.setdefault(j, []).append(run(index, j).sequences.tolist())
+        except BaseException as err:  # noqa: BLE001  (re-raised below)
             errors.append(err)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
@@ -176,7 +173,17 @@ def test_two_threads_share_one_decoder(pair):
         thread.start()
     for thread in threads:
         thread.join()
-    assert not errors
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_two_threads_share_one_decoder(pair):
+    target, draft = pair
+    decoder = OuroborosDecoder(target, draft, "ouroboros")
+    prompts = [random_prompt(6, VOCAB, s) for s in range(6)]
+    expected = [greedy_reference(target, p, 16).tolist() for p in prompts]
+    results = in_two_threads(lambda index, j: decoder.generate(prompts[j], 16), len(prompts))
     for j, outputs in results.items():
         assert outputs == [expected[j]] * 3
 
@@ -239,22 +246,7 @@ def test_two_decoders_on_one_model_in_two_threads(pair):
     prompts = [random_prompt(6, VOCAB, s) for s in range(4)]
     expected = [greedy_reference(target, p, 16).tolist() for p in prompts]
     decoders = [OuroborosDecoder(target, draft, "ouroboros") for _ in range(2)]
-    errors, results = [], {}
-
-    def work(index: int) -> None:
-        try:
-            for j in range(index, len(prompts), 2):
-                for _ in range(3):
-                    results.setdefault(j, []).append(
-                        decoders[index].generate(prompts[j], 16).sequences.tolist())
-        except BaseException as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
+    results = in_two_threads(lambda index, j: decoders[index].generate(prompts[j], 16),
+                             len(prompts))
     assert all(outputs == [expected[j]] * 3 for j, outputs in results.items())
     assert target.config._attn_implementation == "sdpa"
