@@ -2,8 +2,9 @@
 cached as safetensors), the embedded SmolLM2-135M-Instruct target and the distilled
 draft shipped with the package.
 
-Everything here is offline: ``HF_HUB_OFFLINE=1`` is set before transformers is used,
-and no function ever asks a hub for anything.
+Everything here is offline: every transformers loader is called with
+``local_files_only=True`` on a local folder, so no function ever asks a hub for anything,
+and importing the package changes no environment variable.
 
 Cold and warm loads: dequantising SmolLM2's GGUF with transformers takes ~15-20 s on
 a 2-core CPU. The result (float32 safetensors, config, generation config, tokenizer)
@@ -24,10 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 __all__ = [
     "DRAFT_SMOLLM2_DIR",
@@ -183,8 +182,9 @@ def _dequantise_to_cache(gguf_path: Path, entry: Path, source: dict, progress: b
     _log(f"dequantising {gguf_path.name} (first load only, ~20 s on a CPU)...", progress)
     start = time.perf_counter()
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 local_files_only=True)
     # The weights are dense float32 now; the cached copy must not claim a quantisation.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -294,7 +294,8 @@ def load_model(
     if _is_factorised_draft(folder):
         model = _load_factorised_draft(folder, dtype, **from_pretrained_kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **from_pretrained_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, **{"local_files_only": True, **from_pretrained_kwargs})
     model.to(device).eval()
     _log(f"loaded {folder.name} in {time.perf_counter() - start:.1f} s ({dtype}, {device})",
          progress)
@@ -311,7 +312,8 @@ def load_tokenizer(
     model)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_hf_directory(path, cache_dir, progress))
+    return AutoTokenizer.from_pretrained(_hf_directory(path, cache_dir, progress),
+                                         local_files_only=True)
 
 
 def load_pretrained(
@@ -501,7 +503,7 @@ def _load_factorised_draft(folder: Path, dtype: torch.dtype, **from_pretrained_k
     from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig.from_pretrained(folder)
+    config = LlamaConfig.from_pretrained(folder, local_files_only=True)
     for key, value in from_pretrained_kwargs.items():
         if key != "attn_implementation":
             raise TypeError(f"unexpected argument {key!r} for the distilled draft")

@@ -230,3 +230,17 @@ def test_load_demo_pair_on_gpu_defaults_to_bf16():
     assert target_logits.shape == draft_logits.shape == (1, ids.shape[1], 49152)
     assert torch.isfinite(draft_logits).all()
     assert torch.isin(draft_logits.argmax(-1), draft.lm_head.token_ids).all()
+
+
+def test_import_changes_no_environment_and_loads_no_training_code():
+    """``import ouroboros`` sets no environment variable (the loaders pass
+    ``local_files_only=True`` instead of setting HF_HUB_OFFLINE) and imports no training
+    code."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; before = dict(os.environ); import ouroboros; "
+            "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items()); "
+            "assert 'ouroboros.distill' not in sys.modules")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
