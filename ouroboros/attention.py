@@ -29,11 +29,10 @@ overrides it.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-
 import contextlib
+import os
 import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

@@ -132,14 +132,27 @@ class StaticKVCache(Cache):
                   batch_size: int = 1) -> StaticKVCache:
         """A cache shaped for ``model`` (a Llama-like ``PreTrainedModel``), on its device and
         in its dtype."""
+        layers, num_kv_heads, head_dim = cls.geometry(model)
+        parameter = next(model.parameters())
+        return cls(layers, num_kv_heads, head_dim, max_length,
+                   batch_size=batch_size, dtype=parameter.dtype, device=parameter.device)
+
+    @staticmethod
+    def geometry(model: torch.nn.Module) -> tuple[int, int, int]:
+        """``(layers, KV heads, head dim)`` of a Llama-like model's cache."""
         config = model.config
         head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or \
             config.num_attention_heads
-        parameter = next(model.parameters())
-        return cls(config.num_hidden_layers, num_kv_heads, head_dim, max_length,
-                   batch_size=batch_size, dtype=parameter.dtype, device=parameter.device)
+        return config.num_hidden_layers, num_kv_heads, head_dim
+
+    @classmethod
+    def bytes_for(cls, model: torch.nn.Module, max_length: int, batch_size: int = 1) -> int:
+        """Bytes of the buffer `for_model` would allocate, without allocating it."""
+        layers, num_kv_heads, head_dim = cls.geometry(model)
+        element = next(model.parameters()).element_size()
+        return 2 * layers * batch_size * num_kv_heads * max_length * head_dim * element
 
     # ------------------------------------------------------------------ geometry
 

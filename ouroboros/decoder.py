@@ -138,7 +138,7 @@ def _eos_ids(target: torch.nn.Module, eos_token_id: object) -> frozenset:
         eos_token_id = getattr(source, "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
-    if isinstance(eos_token_id, (str, bytes)) or isinstance(eos_token_id, float):
+    if isinstance(eos_token_id, (str, bytes, float)):
         raise TypeError(f"eos_token_id must be an int, a sequence of ints or None, got "
                         f"{eos_token_id!r}")
     if isinstance(eos_token_id, torch.Tensor):
@@ -147,7 +147,7 @@ def _eos_ids(target: torch.nn.Module, eos_token_id: object) -> frozenset:
                             f"{eos_token_id.dtype}")
         eos_token_id = eos_token_id.reshape(-1).tolist()
     if not isinstance(eos_token_id, Sequence):
-        return frozenset([_token_id(eos_token_id, "eos_token_id")])
+        eos_token_id = [eos_token_id]
     ids = frozenset(_token_id(t, "eos_token_id") for t in eos_token_id)
     vocab = target.config.vocab_size
     if any(not 0 <= t < vocab for t in ids):
@@ -289,18 +289,11 @@ class OuroborosDecoder:
         self._lock = threading.Lock()
         self._owner: int | None = None
 
-    def _check_memory(self, rows: int) -> None:
-        """A clear error before allocating caches larger than the device's memory."""
-        need = 0
-        for model in (self.target, self.draft):
-            if model is not None:
-                config = model.config
-                layers = config.num_hidden_layers
-                heads = getattr(config, "num_key_value_heads", None) or \
-                    config.num_attention_heads
-                dim = getattr(config, "head_dim", None) or \
-                    config.hidden_size // config.num_attention_heads
-                need += 2 * layers * heads * dim * rows * next(model.parameters()).element_size()
+    def _check_memory(self, rows: dict[str, int]) -> None:
+        """A clear error before allocating caches larger than the device's free memory;
+        ``rows``: cache rows per model name (``"target"``, ``"draft"``)."""
+        models = {"target": self.target, "draft": self.draft}
+        need = sum(StaticKVCache.bytes_for(models[name], count) for name, count in rows.items())
         if self.device.type == "cuda":
             available = torch.cuda.mem_get_info(self.device)[0]
         else:
@@ -309,7 +302,7 @@ class OuroborosDecoder:
             except (ValueError, OSError, AttributeError):
                 return
         if need > available:
-            raise ValueError(f"prompt + max_new_tokens ({rows} cache rows) needs "
+            raise ValueError(f"prompt + max_new_tokens ({rows['target']} cache rows) needs "
                              f"{need / 2**30:.1f} GiB of KV cache, more than the "
                              f"{available / 2**30:.1f} GiB available on {self.device}; "
                              f"lower max_new_tokens")
@@ -437,7 +430,11 @@ class OuroborosDecoder:
         for name, model in (("target", self.target), ("draft", self.draft)):
             if model is not None:
                 check_features(model, name, len(prompt) + max_new_tokens)
-        self._check_memory(len(prompt) + max_new_tokens + config.cache_margin)
+        total = len(prompt) + max_new_tokens + config.cache_margin
+        rows = {"target": total + config.largest_target_tree}
+        if self.draft is not None:
+            rows["draft"] = total + config.gamma + config.largest_draft_tree
+        self._check_memory(rows)
         uniforms = None
         if sampling.do_sample:
             if generator is None:
@@ -453,12 +450,9 @@ class OuroborosDecoder:
             raise TypeError(f"stop must be callable, got {type(stop).__name__}")
         stop_rules = StopRules(max_new_tokens, eos, stop)
 
-        total = len(prompt) + max_new_tokens + config.cache_margin
-        target = self._runner("target", self.target, total + config.largest_target_tree)
-        draft = None
-        if self.draft is not None:
-            draft = self._runner("draft", self.draft,
-                                 total + config.gamma + config.largest_draft_tree)
+        target = self._runner("target", self.target, rows["target"])
+        draft = self._runner("draft", self.draft, rows["draft"]) if self.draft is not None \
+            else None
         if self.pool is not None and not config.warm_start:
             self.pool.clear()
         session = Session(config=config, target=target, draft=draft, pool=self.pool,

@@ -366,13 +366,13 @@ class LogitRules:
         if self.suppress:
             logits[:, self.suppress] = float("-inf")
         generated = len(session.tokens) - session.prompt_length
-        index = torch.tensor([generated] + [generated + d + 1 for d in tree.depths],
-                             device=logits.device)  # the new-token index each row decides
         if self.begin_suppress and generated == 0:
             logits[0, self.begin_suppress] = float("-inf")
         if self.eos and self.min_new_tokens > generated:
-            rows = (index < self.min_new_tokens).nonzero().squeeze(-1)
-            logits[rows[:, None], torch.tensor(self.eos, device=logits.device)] = float("-inf")
+            rows = [r for r, p in enumerate(row_outputs(session, tree))
+                    if p < self.min_new_tokens]
+            logits[torch.tensor(rows, device=logits.device)[:, None],
+                   torch.tensor(self.eos, device=logits.device)] = float("-inf")
         return logits
 
     def _apply_context_rules(self, logits: torch.Tensor, committed: list[int],
@@ -402,11 +402,11 @@ class LogitRules:
             for row, path in enumerate(contexts):
                 if len(committed) + len(path) + 1 < n:  # as transformers: too short yet
                     continue
-                text = committed[max(0, len(committed) - (n - 1)):] + path if n > 1 else path
-                banned = set(following.get(tuple(text[len(text) - n + 1:]) if n > 1 else (),
-                                           ()))
+                # The last n - 1 committed tokens (none for n = 1), then the path.
+                text = committed[max(0, len(committed) - n + 1):] + path
+                prefix = tuple(text[len(text) - n + 1:])  # what the next token would extend
+                banned = set(following.get(prefix, ()))
                 # The n-grams that end inside the path (the others are in `following`).
-                prefix = tuple(text[len(text) - n + 1:]) if n > 1 else ()
                 for end in range(max(len(text) - len(path), n - 1), len(text)):
                     if tuple(text[end - n + 1:end]) == prefix:
                         banned.add(text[end])
@@ -595,15 +595,21 @@ def build_verification_tree(session: Session, draft_tokens: list[int],
     return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
 
 
+def row_outputs(session: Session, tree: TokenTree) -> list[int]:
+    """The index (0-based, among the new tokens) of the token each choice row decides:
+    row 0 (after the pending end) the next new token, row 1 + i the one after node i."""
+    generated = len(session.tokens) - session.prompt_length
+    return [generated] + [generated + depth + 1 for depth in tree.depths]
+
+
 def node_uniforms(session: Session, tree: TokenTree) -> torch.Tensor | None:
     """The uniform of each choice row (sampling only): row 0 decides the next new token,
     row 1 + i the token after node i; a row deciding new token p uses ``u_p``."""
     if session.uniforms is None:
         return None
-    generated = len(session.tokens) - session.prompt_length
-    rows = [generated] + [generated + depth + 1 for depth in tree.depths]
     last = session.uniforms.shape[0] - 1
-    index = torch.tensor([min(row, last) for row in rows], device=session.uniforms.device)
+    index = torch.tensor([min(row, last) for row in row_outputs(session, tree)],
+                         device=session.uniforms.device)
     return session.uniforms[index]
 
 

@@ -128,6 +128,8 @@ def test_unsupported_settings_are_refused_by_name(pair, name, value):
     ({"eos_token_id": "</s>"}, TypeError, "eos_token_id"),
     ({"eos_token_id": [2, "x"]}, TypeError, "eos_token_id"),
     ({"eos_token_id": [VOCAB]}, ValueError, "eos_token_id"),
+    ({"eos_token_id": VOCAB}, ValueError, "eos_token_id"),
+    ({"eos_token_id": -1}, ValueError, "eos_token_id"),
     ({"eos_token_id": torch.tensor(2.0)}, TypeError, "eos_token_id"),
 ])
 def test_bad_arguments_name_themselves(pair, kwargs, error, match):
