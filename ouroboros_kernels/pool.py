@@ -663,16 +663,17 @@ class CandidatePool:
             _validate_state(tensors, dims)
         except (ValueError, TypeError) as err:
             raise fail(str(err)) from err
-        # The ops accept any token, but a file's phrases continue its keys' vocabulary: a
-        # token >= V would index past the model's vocabulary in generate.
+        if _crc32(tensors) != crc:
+            raise fail("checksum mismatch: the file is corrupt")
+        # An intact file can still hold tokens past the vocabulary (set through
+        # load_state_dict: the ops accept any token), and a token >= V would index past
+        # the model's vocabulary in generate.
         phrases = tensors["phrases"]
         if phrases.numel() and int(phrases.max()) >= dims[0]:
             key, slot, _ = (phrases >= dims[0]).nonzero()[0].tolist()
             raise fail(f"phrase of key {key} (slot {slot}) holds token "
                        f"{int(phrases[key, slot].max())}, outside the vocabulary "
                        f"[0, {dims[0]})")
-        if _crc32(tensors) != crc:
-            raise fail("checksum mismatch: the file is corrupt")
         pool = cls(*dims, device="cpu" if device is None else device)
         pool._assign(tensors)
         return pool
