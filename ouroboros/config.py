@@ -126,20 +126,19 @@ class OuroborosConfig:
 
     @property
     def largest_draft_tree(self) -> int:
-        """Most tokens one draft forward pass can feed (pending + phrases + window)."""
-        if not self.use_draft:
-            return 0
-        pending = self.phrase_len + 2 if self.uses_pool else 2
-        window = self.window_size * self.phrase_len if self.window else 0
-        return pending + self.draft_phrases * self.phrase_len + window
+        """Most tokens one draft forward pass can feed (pending + phrases + window; see
+        `ouroboros.geometry.draft_pass_tokens`)."""
+        from ouroboros.geometry import draft_pass_tokens
+
+        return draft_pass_tokens(self)
 
     @property
     def largest_target_tree(self) -> int:
-        """Most tokens one target verification pass can feed."""
-        window = self.window_size * self.phrase_len if (self.window and not self.use_draft) \
-            else 0
-        phrases = self.num_suffixes + (self.root_phrases if self.use_draft else 0)
-        return 1 + self.gamma + phrases * self.phrase_len + window
+        """Most tokens one target verification pass can feed (pending + draft + pool
+        phrases + window; see `ouroboros.geometry.target_pass_tokens`)."""
+        from ouroboros.geometry import target_pass_tokens
+
+        return target_pass_tokens(self)
 
     def replace(self, **changes) -> OuroborosConfig:
         """A copy with some fields changed (validated again)."""

@@ -1,10 +1,12 @@
-"""Hardware-aware defaults (ouroboros/tuning.py): the choice logic on fake cost curves, one
-cheap real measurement on tiny models, the cache, and prepacked CPU linear layers."""
+"""Hardware-aware defaults (ouroboros/tuning/): one cheap real measurement on tiny models,
+the cache, tuned configurations that run exactly, and prepacked CPU linear layers
+(ouroboros/models.py). The cost model alone, without models: tests/test_cost_model.py."""
 
 from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -18,114 +20,48 @@ from engine_models import (  # noqa: F401  (single_thread: a fixture)
 
 from ouroboros import OuroborosDecoder
 from ouroboros.config import OuroborosConfig
+from ouroboros.models import PrepackedLinear, PrepackedSubsetLMHead, prepack_linear_weights
 from ouroboros.tuning import (
     CostCurve,
     Measurements,
-    PrepackedLinear,
-    ThroughputModel,
-    TreeShape,
-    choose_config,
     choose_from,
     choose_num_threads,
     measure,
     measure_agreement,
     measure_cost_curve,
-    prepack_linear_weights,
     tuned_config,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# Shapes of the curves this project measured (ms per pass over T new tokens, 200 cached).
 CPU = CostCurve((1, 8, 16, 32, 64), (0.041, 0.061, 0.075, 0.099, 0.154))  # SmolLM2, 2 cores
-GPU = CostCurve((1, 8, 16, 32, 64), (0.012, 0.0121, 0.0122, 0.0124, 0.013))  # flat
 CPU_DRAFT = CostCurve((1, 8, 16, 32), (0.004, 0.005, 0.006, 0.008))
-GPU_DRAFT = CostCurve((1, 8, 16, 32), (0.0015, 0.0015, 0.0015, 0.0015))
 
 
-def tree_size(config: OuroborosConfig) -> int:
-    return config.largest_target_tree
+def test_the_package_keeps_its_public_names():
+    import ouroboros.models
+    import ouroboros.tuning
+    from ouroboros import geometry
+
+    for name in ouroboros.tuning.__all__:
+        assert hasattr(ouroboros.tuning, name), name
+    assert ouroboros.tuning.TreeShape is geometry.TreeShape
+    for name in ("PrepackedLinear", "PrepackedSubsetLMHead", "prepack_linear_weights",
+                 "prepacking_available"):
+        assert getattr(ouroboros.tuning, name) is getattr(ouroboros.models, name)
 
 
-# ------------------------------------------------------------------ cost curves
-
-
-def test_cost_curve_interpolates_and_extrapolates():
-    curve = CostCurve((1, 4, 8), (1.0, 2.0, 4.0))
-    assert curve(1) == 1.0 and curve(0) == 1.0
-    assert curve(2) == pytest.approx(1 + 1 / 3)
-    assert curve(6) == pytest.approx(3.0)
-    assert curve(12) == pytest.approx(6.0)  # the last segment's slope
-    assert curve.relative(8) == 4.0
-    assert CostCurve.from_dict(curve.to_dict()) == curve
-
-
-@pytest.mark.parametrize("sizes, seconds", [((), ()), ((1, 2), (1.0,)), ((2, 1), (1.0, 2.0)),
-                                            ((0, 1), (1.0, 2.0)), ((1, 2), (1.0, -1.0)),
-                                            ((1,), (float("nan"),))])
-def test_cost_curve_rejects_bad_input(sizes, seconds):
-    with pytest.raises(ValueError):
-        CostCurve(sizes, seconds)
-
-
-# ------------------------------------------------------------------ the choice
-
-
-def test_a_flat_gpu_curve_buys_bigger_trees_than_a_steep_cpu_curve():
-    model = ThroughputModel(alpha=0.7)
-    on_cpu = choose_config(CPU, CPU_DRAFT, "ouroboros", model)
-    on_gpu = choose_config(GPU, GPU_DRAFT, "ouroboros", model)
-    assert tree_size(on_gpu) > tree_size(on_cpu)
-    assert on_gpu.num_suffixes >= on_cpu.num_suffixes
-    # Both beat the presets under the model that chose them.
-    preset = OuroborosConfig.preset("ouroboros")
-    for curve, draft, chosen in ((CPU, CPU_DRAFT, on_cpu), (GPU, GPU_DRAFT, on_gpu)):
-        assert model.tokens_per_second(chosen, curve, draft) >= \
-            model.tokens_per_second(preset, curve, draft)
-
-
-def test_lookahead_window_and_suffixes_grow_on_a_flat_curve():
-    model = ThroughputModel()
-    on_cpu = choose_config(CPU, None, "lookahead", model)
-    on_gpu = choose_config(GPU, None, "lookahead", model)
-    assert not on_cpu.use_draft and not on_gpu.use_draft and on_gpu.gamma == 0
-    assert tree_size(on_gpu) > tree_size(on_cpu)
-
-
-def test_draft_length_follows_agreement():
-    gammas = [choose_config(CPU, CPU_DRAFT, "speculative", ThroughputModel(alpha=a)).gamma
-              for a in (0.3, 0.6, 0.9)]
-    assert gammas == sorted(gammas) and gammas[0] < gammas[-1]
-    # A draft that costs as much as the target is not worth long drafts.
-    expensive = choose_config(CPU, CPU, "speculative", ThroughputModel(alpha=0.6))
-    assert expensive.gamma <= gammas[1]
-
-
-def test_overrides_are_held_fixed_and_greedy_is_the_preset():
-    chosen = choose_config(GPU, GPU_DRAFT, "ouroboros", ThroughputModel(), gamma=3, ngram=5)
-    assert chosen.gamma == 3 and chosen.ngram == 5 and chosen.name == "ouroboros"
-    assert choose_config(CPU, None, "greedy") == OuroborosConfig.preset("greedy")
-    speculative = choose_config(CPU, CPU_DRAFT, "speculative")
-    assert speculative.num_suffixes == 0 and speculative.draft_phrases == 0 \
-        and not speculative.uses_pool
-
-
-def test_throughput_model_counts_what_a_step_emits():
-    model = ThroughputModel(alpha=0.5, coverage=0.0)
-    shape = TreeShape(True, 3, 4, 4)
-    assert model.tokens_per_step(shape) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
-    flat = CostCurve((1,), (1.0,))
-    assert model.seconds_per_step(shape, flat, flat) == pytest.approx(
-        model.step_overhead + 3 * (1.0 + model.pass_overhead) + 1.0)
-    with pytest.raises(ValueError, match="draft"):
-        model.seconds_per_step(shape, flat, None)
-
-
-def test_choose_from_uses_the_measured_agreement():
+def test_measurements_round_trip_and_choose_from():
     low = Measurements("cpu", CPU, CPU_DRAFT, alpha=0.2)
-    high = Measurements("cpu", CPU, CPU_DRAFT, alpha=0.95)
+    high = Measurements("cpu", CPU, CPU_DRAFT, alpha=0.95, extra={"alphas": {"default": 0.95}})
     assert choose_from(low, "speculative").gamma < choose_from(high, "speculative").gamma
     assert Measurements.from_json(high.to_json()) == high
+    lookahead = Measurements("cpu", CPU, None, alpha=None)
+    assert Measurements.from_json(lookahead.to_json()) == lookahead
+    stale = json.loads(high.to_json())
+    stale["format"] = 0
+    with pytest.raises(ValueError, match="format"):
+        Measurements.from_json(json.dumps(stale))
 
 
 # ------------------------------------------------------------------ real measurements
@@ -147,14 +83,14 @@ def test_measure_and_cache_on_tiny_models(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("measured again instead of reading the cache")
 
-    monkeypatch.setattr("ouroboros.tuning.measure_cost_curve", fail)
+    monkeypatch.setattr("ouroboros.tuning.measurement.measure_cost_curve", fail)
     again = measure(target, draft, None, cache_dir=tmp_path)
     assert again.target_curve == first.target_curve
     # α on a prompt sample: measured once (the curves come from the cache), then cached.
     prompts = [random_prompt(10, 48, seed=s)[0].tolist() for s in (3, 4)]
     sampled = measure(target, draft, None, prompts=prompts, cache_dir=tmp_path)
     assert 0.0 <= sampled.alpha <= 1.0 and sampled.target_curve == first.target_curve
-    monkeypatch.setattr("ouroboros.tuning.measure_agreement", fail)
+    monkeypatch.setattr("ouroboros.tuning.measurement.measure_agreement", fail)
     assert measure(target, draft, None, prompts=prompts, cache_dir=tmp_path).alpha == \
         sampled.alpha
     assert measure(target, draft, None, cache_dir=tmp_path).alpha is None
@@ -248,6 +184,9 @@ def test_prepacked_subset_head_matches_the_original():
     torch.testing.assert_close(head(hidden), expected, rtol=1e-5, atol=1e-5)
     copied = copy.deepcopy(model)
     torch.testing.assert_close(copied[0](hidden), expected, rtol=1e-5, atol=1e-5)
+    pickled = pickle.loads(pickle.dumps(head))  # a module-level class: picklable
+    assert type(pickled) is PrepackedSubsetLMHead
+    torch.testing.assert_close(pickled(hidden), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

@@ -1,27 +1,20 @@
-"""Hardware-aware defaults: size the token trees from measured forward-pass costs.
+"""Measuring what the cost model needs, once per device and model pair, and caching it.
 
-Speculative decoding trades target passes for bigger target passes. What a bigger pass
-costs depends on the hardware: on a GPU a forward over 64 new tokens after a 200-token
-prefix costs about what one token costs (the weights are read once either way); on a CPU it
-costs several times more. So the best draft length γ, number of suffixes K, n-gram level N
-and Jacobi window differ by device, and the presets of `OuroborosConfig` cannot be right
-everywhere.
+`tuned_config(target, draft, tokenizer)` measures, once per device and model pair:
 
-`tuned_config(target, draft, device)` measures, once per device and model pair:
-
-* the **cost curve** of each model: seconds of one engine forward pass over T new tokens
-  (a tree: a chain plus branches, as in a decoding step) after a 200-token cached prefix,
-  for T in `TARGET_SIZES` / `DRAFT_SIZES` (`measure_cost_curve`);
+* the **cost curve** of each model: seconds of one engine forward pass over T fed tokens
+  (one pending token and a tree laid out as a step's, `ouroboros.geometry.measurement_tree`)
+  after a 200-token cached prefix, for T in `TARGET_SIZES` / `DRAFT_SIZES`
+  (`measure_cost_curve`);
 * the draft's **agreement** α with the target: the fraction of the target's own greedy
   tokens the draft predicts (top-1, teacher forced) on two short calibration prompts
   (`measure_agreement`).
 
 It caches them as JSON under ``$OUROBOROS_CACHE_DIR/tuning/`` (default
 ``~/.cache/ouroboros/tuning/``), keyed by a fingerprint of the device, the thread count,
-the torch version and both models, and picks the configuration that maximises the expected
-tokens per second under a simple model of one decoding step (`choose_config`, see
-`ThroughputModel`). Choosing is cheap; only the measurement (a few seconds on a CPU,
-under a second on a GPU) is cached.
+the torch version and both models (`Measurements`, `measure`), and hands them to the pure
+cost model (`ouroboros.tuning.cost_model.choose_from`). Choosing is cheap; only the
+measurement (a few seconds on a CPU, under a second on a GPU) is cached.
 
 Overriding: every field passed to `tuned_config` as a keyword (``gamma=8``) wins over the
 tuned value; ``OUROBOROS_TUNING=off`` (or ``tune=False``) returns the plain preset;
@@ -29,12 +22,7 @@ tuned value; ``OUROBOROS_TUNING=off`` (or ``tune=False``) returns the plain pres
 same.
 
 On a CPU, `choose_num_threads` picks torch's thread count by measurement (on cores shared
-with other busy processes one thread can be several times faster than all of them), and
-`prepack_linear_weights` additionally stores every ``nn.Linear`` weight of a
-model in oneDNN's blocked layout once, so that a forward over a few tokens does not pay
-MKL's small-batch GEMM penalty (measured on 2 cores: SmolLM2's output layer over 8 tokens
-30 ms -> 10 ms; a whole 8-token pass 180 ms -> 85 ms). The values change only by float
-rounding (a different summation order), like any change of BLAS kernel.
+with other busy processes one thread can be several times faster than all of them).
 """
 
 from __future__ import annotations
@@ -46,7 +34,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,23 +42,22 @@ import torch
 from torch import nn
 
 from ouroboros.config import OuroborosConfig
+from ouroboros.geometry import MEASUREMENT_SHAPE, TreeShape, measurement_tree
+from ouroboros.models import PrepackedLinear
+from ouroboros.tuning.cost_model import CostCurve, choose_from
 
 __all__ = [
+    "CALIBRATION_PROMPTS",
     "DRAFT_SIZES",
+    "PREFIX_LEN",
     "TARGET_SIZES",
-    "CostCurve",
     "Measurements",
-    "PrepackedLinear",
-    "ThroughputModel",
-    "TreeShape",
-    "choose_config",
-    "choose_from",
     "choose_num_threads",
     "device_description",
+    "measure",
     "measure_agreement",
     "measure_cost_curve",
     "model_fingerprint",
-    "prepack_linear_weights",
     "tuned_config",
     "tuning_enabled",
 ]
@@ -78,7 +65,9 @@ __all__ = [
 TARGET_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 DRAFT_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32)
 PREFIX_LEN = 200
-_FORMAT = 1  # bump when the measurement changes meaning; old cache entries are ignored
+# Bump when the measurement changes meaning; old cache entries are then ignored. Format 1:
+# `measurement_tree` of `MEASUREMENT_SHAPE` (a chain of 6 and branches of 3 tokens).
+_FORMAT = 1
 
 CALIBRATION_PROMPTS: tuple[str, ...] = (
     'def running_mean(values: list[float]) -> list[float]:\n    """Return the mean of the '
@@ -88,71 +77,7 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
 )
 
 
-# ============================================================================ cost curves
-
-
-@dataclass(frozen=True)
-class CostCurve:
-    """Seconds of one forward pass over ``sizes[i]`` new tokens: ``seconds[i]``.
-
-    Calling it interpolates linearly between the measured sizes and extrapolates the last
-    segment's slope beyond the largest one (never below the smallest measured cost).
-    """
-
-    sizes: tuple[int, ...]
-    seconds: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.sizes) != len(self.seconds) or not self.sizes:
-            raise ValueError(f"sizes and seconds must be non-empty and of equal length, got "
-                             f"{len(self.sizes)} and {len(self.seconds)}")
-        if list(self.sizes) != sorted(set(self.sizes)) or self.sizes[0] < 1:
-            raise ValueError(f"sizes must be increasing ints >= 1, got {self.sizes}")
-        if any(not (s > 0 and math.isfinite(s)) for s in self.seconds):
-            raise ValueError(f"seconds must be positive and finite, got {self.seconds}")
-
-    def __call__(self, num_tokens: float) -> float:
-        sizes, seconds = self.sizes, self.seconds
-        if len(sizes) == 1:
-            return seconds[0]
-        if num_tokens <= sizes[0]:
-            return seconds[0]
-        for i in range(1, len(sizes)):
-            if num_tokens <= sizes[i] or i == len(sizes) - 1:
-                slope = (seconds[i] - seconds[i - 1]) / (sizes[i] - sizes[i - 1])
-                return max(seconds[0], seconds[i - 1] + slope * (num_tokens - sizes[i - 1]))
-        raise AssertionError("unreachable")
-
-    def relative(self, num_tokens: float) -> float:
-        """Cost of a pass over ``num_tokens`` relative to a one-token pass."""
-        return self(num_tokens) / self(1)
-
-    def to_dict(self) -> dict:
-        return {"sizes": list(self.sizes), "seconds": list(self.seconds)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> CostCurve:
-        return cls(tuple(int(s) for s in data["sizes"]), tuple(float(s) for s in data["seconds"]))
-
-
-def _measurement_tree(num_nodes: int, vocab_size: int):
-    """A typical verification tree of ``num_nodes`` nodes: a chain of up to 6 (the draft)
-    and branches of 3 tokens hanging from its end (the suffixes), with distinct first
-    tokens (so the trie keeps them apart)."""
-    from ouroboros.generate import TokenTree
-
-    tree = TokenTree()
-    chain = min(num_nodes, 6)
-    tree.add_path(-1, [(10 + i) % vocab_size for i in range(chain)])
-    remaining, branch = num_nodes - chain, 0
-    while remaining > 0:
-        length = min(3, remaining)
-        first = (3 + branch) % vocab_size
-        tree.add_path(chain - 1, [first] + [(first + 5 * i) % vocab_size
-                                            for i in range(1, length)])
-        remaining -= length
-        branch += 1
-    return tree
+# ============================================================================ measuring
 
 
 def _synchronize(device: torch.device) -> None:
@@ -163,11 +88,14 @@ def _synchronize(device: torch.device) -> None:
 @torch.inference_mode()
 def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
                        prefix_len: int = PREFIX_LEN, repeats: int = 3,
-                       backend: str | None = None, seed: int = 0) -> CostCurve:
-    """Seconds of one engine forward pass over T new tokens, for each T in ``sizes``.
+                       backend: str | None = None, seed: int = 0,
+                       shape: TreeShape = MEASUREMENT_SHAPE) -> CostCurve:
+    """Seconds of one engine forward pass over T fed tokens, for each T in ``sizes``.
 
     Runs the engine's own pass (`ouroboros.generate.forward_tree` with a static cache, the
-    ``"ouroboros"`` attention, a tree-shaped mask for T > 1) after a cached prefix of
+    ``"ouroboros"`` attention) over one pending token and the tree
+    `ouroboros.geometry.measurement_tree` lays out for ``shape`` with T - 1 nodes (a chain
+    up to γ + 1 tokens, then branches under a tree mask), after a cached prefix of
     ``prefix_len`` random tokens, batch 1: one warm-up round over all sizes, then
     ``repeats`` timed rounds (CUDA synchronised); per size the fastest round, made
     non-decreasing in T. The model is switched to the ``"ouroboros"`` attention (its
@@ -175,7 +103,7 @@ def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
     """
     from ouroboros.attention import enable_ouroboros_attention, resolve_backend
     from ouroboros.cache import StaticKVCache, cache_kwarg_name
-    from ouroboros.generate import ModelRunner, TokenTree, forward_tree, prefill
+    from ouroboros.generate import ModelRunner, forward_tree, prefill
 
     sizes = tuple(sorted(set(int(s) for s in sizes)))
     if not sizes or sizes[0] < 1:
@@ -194,8 +122,7 @@ def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
     vocab = model.config.vocab_size
     prefix = torch.randint(3, vocab, (prefix_len,), generator=generator).tolist()
     prefill(runner, prefix)
-    trees = {size: _measurement_tree(size - 1, vocab) if size > 1 else TokenTree()
-             for size in sizes}
+    trees = {size: measurement_tree(size, vocab, shape) for size in sizes}
     best = dict.fromkeys(sizes, math.inf)
     for attempt in range(repeats + 1):  # rounds over all sizes: drift hits every size alike
         for size in sizes:
@@ -281,188 +208,6 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
                                                  tokenize=False, add_generation_prompt=True)
         return tokenizer(rendered, add_special_tokens=False).input_ids
     return tokenizer(text).input_ids
-
-
-# ============================================================================ the choice
-
-
-@dataclass(frozen=True)
-class TreeShape:
-    """The fields of `OuroborosConfig` that size the trees (what `choose_config` searches)."""
-
-    use_draft: bool
-    gamma: int
-    ngram: int
-    num_suffixes: int
-    draft_phrases: int = 0
-    root_phrases: int = 0
-    window: bool = False
-    window_size: int = 4
-
-    @classmethod
-    def of(cls, config: OuroborosConfig) -> TreeShape:
-        return cls(config.use_draft, config.gamma, config.ngram, config.num_suffixes,
-                   config.draft_phrases, getattr(config, "root_phrases", 0), config.window,
-                   config.window_size)
-
-    def apply(self, config: OuroborosConfig) -> OuroborosConfig:
-        changes = {"gamma": self.gamma, "ngram": self.ngram, "num_suffixes": self.num_suffixes,
-                   "draft_phrases": self.draft_phrases, "window": self.window,
-                   "window_size": self.window_size}
-        if hasattr(config, "root_phrases"):
-            changes["root_phrases"] = self.root_phrases
-        return config.replace(**changes)
-
-
-@dataclass(frozen=True)
-class ThroughputModel:
-    """Expected tokens per second of one decoding step, from the cost curves and priors.
-
-    One step with draft length γ, ``P = draft_phrases`` pool phrases tried per draft pass,
-    K suffixes and R root phrases of L = N - 1 tokens, and an optional Jacobi window of
-    ``window_size`` columns:
-
-    * emitted tokens: ``1 + sum(α^i, i = 1..γ) + α^γ * s(K) + (1 - α) * r(R)``: the bonus
-      token, the accepted draft prefix (each draft token accepted with probability α given
-      its predecessors), the suffixes when the whole draft is accepted and the root phrases
-      when the draft's first token is rejected. ``s(n) = coverage * (1 - recency^n) * g(L)``:
-      the pool holds the target's continuation with probability ``coverage``, usually among
-      its most recent phrases (each further phrase finds a ``1 - recency`` share of the rest),
-      and a phrase that starts right is accepted for ``g(L) = sum(continuation^j, j < L)``
-      tokens on average; coverages shrink by ``length_decay`` per token beyond L = 3
-      (longer n-grams recur less often). ``r`` likewise with ``root_coverage`` and
-      ``root_recency`` (a token the draft got wrong is a hard one);
-    * draft passes: ``γ / (1 + m)``, ``m = s(P)`` the pool phrase length one draft pass
-      accepts; each costs ``draft(2 + P * L + window cells) + pass_overhead``;
-    * one target pass over ``2 + γ + (K + R) * L`` tokens (without a draft: ``1 + K * L +
-      window cells``) and ``step_overhead`` seconds of host work per step.
-
-    The window adds ``window_boost`` to the coverages (fresh n-grams). The priors only rank
-    configurations; the measured cost curves decide how large a tree the device affords.
-    α is measured for the pair (`measure_agreement`); the pool priors were fitted to the
-    engine's statistics (accepted suffix / root-phrase tokens per step for K, R = 1, 2, 4)
-    for SmolLM2-135M with its distilled draft on HumanEval prompts (code: the pool's best
-    case; on chat the pool finds less, which costs little because K and R stay small on
-    a CPU).
-    """
-
-    alpha: float = 0.7
-    coverage: float = 0.6
-    recency: float = 0.2
-    root_coverage: float = 0.4
-    root_recency: float = 0.5
-    continuation: float = 0.85
-    length_decay: float = 0.9
-    window_boost: float = 0.01
-    step_overhead: float = 0.003
-    pass_overhead: float = 0.0005
-
-    def phrase_tokens(self, count: int, length: int, coverage: float, window: bool,
-                      recency: float | None = None) -> float:
-        """Expected tokens accepted from ``count`` pool phrases of ``length`` tokens."""
-        if count <= 0:
-            return 0.0
-        recency = self.recency if recency is None else recency
-        coverage *= self.length_decay ** (length - 3)  # longer n-grams recur less often
-        coverage = min(max(coverage + (self.window_boost if window else 0.0), 0.0), 1.0)
-        found = coverage * (1 - recency ** count)
-        return found * sum(self.continuation ** j for j in range(length))
-
-    def tokens_per_step(self, shape: TreeShape) -> float:
-        """Expected tokens emitted by one step."""
-        length = shape.ngram - 1
-        if not shape.use_draft:
-            return 1 + self.phrase_tokens(shape.num_suffixes, length, self.coverage,
-                                          shape.window)
-        alpha = min(max(self.alpha, 0.0), 0.999)
-        accepted = sum(alpha ** i for i in range(1, shape.gamma + 1))
-        suffixes = self.phrase_tokens(shape.num_suffixes, length, self.coverage, shape.window)
-        roots = self.phrase_tokens(shape.root_phrases, length, self.root_coverage,
-                                   shape.window, self.root_recency)
-        return 1 + accepted + alpha ** shape.gamma * suffixes + (1 - alpha) * roots
-
-    def seconds_per_step(self, shape: TreeShape, target: CostCurve,
-                         draft: CostCurve | None) -> float:
-        """Expected seconds of one step."""
-        length = shape.ngram - 1
-        window_cells = shape.window_size * length if shape.window else 0
-        seconds = self.step_overhead
-        if not shape.use_draft:
-            return seconds + target(1 + shape.num_suffixes * length + window_cells)
-        if draft is None:
-            raise ValueError("a configuration with a draft model needs the draft's cost curve")
-        matched = self.phrase_tokens(shape.draft_phrases, length, self.coverage, shape.window)
-        passes = max(1.0, shape.gamma / (1 + matched))
-        seconds += passes * (draft(2 + shape.draft_phrases * length + window_cells)
-                             + self.pass_overhead)
-        phrases = shape.num_suffixes + shape.root_phrases
-        return seconds + target(2 + shape.gamma + phrases * length)
-
-    def tokens_per_second(self, config: OuroborosConfig | TreeShape, target: CostCurve,
-                          draft: CostCurve | None) -> float:
-        """Expected emitted tokens per second of a configuration."""
-        shape = config if isinstance(config, TreeShape) else TreeShape.of(config)
-        return self.tokens_per_step(shape) / self.seconds_per_step(shape, target, draft)
-
-
-GAMMAS = tuple(range(1, 13))
-SUFFIXES = (0, 1, 2, 3, 4, 6, 8, 12, 16)
-PHRASES = (0, 1, 2, 4, 8)
-ROOT_PHRASES = (0, 1, 2, 4)
-NGRAMS = (3, 4, 5)
-WINDOW_SIZES = (2, 4, 8)
-
-
-def _shapes(base: OuroborosConfig, fixed: dict) -> Iterable[TreeShape]:
-    """The grid `choose_config` searches for a preset; fields in ``fixed`` are not varied."""
-    def values(name, grid):
-        return (fixed[name],) if name in fixed else grid
-
-    has_roots = hasattr(base, "root_phrases")
-    windows = [(False, base.window_size)] + [(True, size) for size in
-                                             values("window_size", WINDOW_SIZES)]
-    if "window" in fixed:
-        windows = [(w, size) for w, size in windows if w == fixed["window"]]
-    if base.name == "speculative":
-        for gamma in values("gamma", GAMMAS):
-            yield TreeShape(True, gamma, base.ngram, 0)
-        return
-    if not base.use_draft:  # lookahead
-        if not (base.seed_pool_from_prompt or base.pool_from_output):
-            windows = [(w, size) for w, size in windows if w]  # the window feeds the pool
-        for ngram in values("ngram", NGRAMS):
-            for suffixes in values("num_suffixes", SUFFIXES):
-                for window, size in windows:
-                    yield TreeShape(False, 0, ngram, suffixes, 0, 0, window, size)
-        return
-    for gamma in values("gamma", GAMMAS):
-        for ngram in values("ngram", NGRAMS):
-            for suffixes in values("num_suffixes", SUFFIXES):
-                for phrases in values("draft_phrases", PHRASES):
-                    for roots in values("root_phrases", ROOT_PHRASES if has_roots else (0,)):
-                        for window, size in windows:
-                            yield TreeShape(True, gamma, ngram, suffixes, phrases, roots,
-                                            window, size)
-
-
-def choose_config(target: CostCurve, draft: CostCurve | None, method: str = "ouroboros",
-                  model: ThroughputModel | None = None, **overrides) -> OuroborosConfig:
-    """The configuration of ``method`` that `ThroughputModel` expects to be fastest under
-    the cost curves, with ``overrides`` (any `OuroborosConfig` field) applied on top.
-
-    ``greedy`` has nothing to tune (its preset is returned). Fields given in ``overrides``
-    are held fixed during the search, so the rest is chosen around them.
-    """
-    base = OuroborosConfig.preset(method, **overrides)
-    if method == "greedy":
-        return base
-    model = model or ThroughputModel()
-    best, best_rate = None, -1.0
-    for shape in _shapes(base, overrides):
-        rate = model.tokens_per_second(shape, target, draft if shape.use_draft else None)
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = shape, rate
-    return best.apply(base).replace(**overrides) if best is not None else base
 
 
 # ============================================================================ caching
@@ -669,111 +414,3 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
     measurements = measure(target, draft if uses_draft else None, tokenizer, prompts=prompts,
                            refresh=refresh, cache_dir=cache_dir, progress=progress)
     return choose_from(measurements, method, **overrides)
-
-
-def choose_from(measurements: Measurements, method: str = "ouroboros",
-                **overrides) -> OuroborosConfig:
-    """`choose_config` with the measured curves and α (the prior where α was not measured)."""
-    model = ThroughputModel()
-    if measurements.alpha is not None:
-        model = ThroughputModel(**{**asdict(model), "alpha": measurements.alpha})
-    return choose_config(measurements.target_curve, measurements.draft_curve, method, model,
-                         **overrides)
-
-
-# ============================================================================ CPU kernels
-
-
-class _RepackOnUnpickle:
-    """The packed weight (``self.packed``) is opaque (no storage): copies and pickles carry
-    ``self.weight`` only and pack it again."""
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("packed", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-
-
-class PrepackedLinear(_RepackOnUnpickle, nn.Module):
-    """An ``nn.Linear`` whose weight is also kept in oneDNN's blocked layout (CPU).
-
-    ``forward(x: [..., in_features]) -> [..., out_features]`` in the weight's dtype, computed
-    by ``torch.ops.mkldnn._linear_pointwise`` with the prepacked weight. ``weight`` (and
-    ``bias``) stay the original parameters, so tied embeddings, ``state_dict`` and
-    ``parameters()`` are unchanged; the packed copy is an extra tensor of the same size.
-    """
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"bias={self.bias is not None}, prepacked"
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.detach() if self.bias is not None else None
-        return torch.ops.mkldnn._linear_pointwise(hidden, self.packed, bias, "none", [None], "")
-
-
-def prepacking_available(model: nn.Module) -> bool:
-    """Whether `prepack_linear_weights` can act: a CPU float32 model, oneDNN present."""
-    parameter = next(model.parameters())
-    return (parameter.device.type == "cpu" and parameter.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-
-
-def _subset_head_type():
-    """The draft's `ouroboros.models.SubsetLMHead` and its prepacked variant (or None)."""
-    try:
-        from ouroboros.models import SubsetLMHead
-    except ImportError:  # pragma: no cover - the models module always ships it
-        return None, None
-
-    class PrepackedSubsetLMHead(_RepackOnUnpickle, SubsetLMHead):
-        """`SubsetLMHead` whose subset weight is also kept in oneDNN's layout (see
-        `PrepackedLinear`); same ``forward`` contract: full-vocabulary logits, the lowest
-        finite value outside the subset."""
-
-        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-            scores = torch.ops.mkldnn._linear_pointwise(hidden, self.packed, None, "none",
-                                                        [None], "")
-            full = scores.new_full((*scores.shape[:-1], self.vocab_size),
-                                   torch.finfo(scores.dtype).min)
-            return full.index_copy_(-1, self.token_ids, scores)
-
-    return SubsetLMHead, PrepackedSubsetLMHead
-
-
-def prepack_linear_weights(model: nn.Module) -> int:
-    """Prepack the linear layers of a CPU float32 model for oneDNN (in place).
-
-    Every ``nn.Linear`` becomes a `PrepackedLinear`; the distilled draft's
-    ``SubsetLMHead`` (`ouroboros.models`) is switched to a prepacked variant. Returns how many
-    layers were converted (0 when `prepacking_available` is False: on a GPU, in another
-    dtype, or without oneDNN). Parameters, their names and tied weights are unchanged.
-    Inference only: the packed copies do not follow later changes of the weights, nor
-    ``model.to(...)``.
-    """
-    if not prepacking_available(model):
-        return 0
-    subset_head, prepacked_subset_head = _subset_head_type()
-    replaced = 0
-    for module in list(model.modules()):
-        if subset_head is not None and type(module) is subset_head:
-            module.__class__ = prepacked_subset_head
-            module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            replaced += 1
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PrepackedLinear(child))
-                replaced += 1
-    return replaced
