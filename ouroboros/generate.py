@@ -1,6 +1,6 @@
 """The decoding loop: greedy, speculative, lookahead and Ouroboros on one code path.
 
-One step of Ouroboros (DESIGN.md §2), as `decode_step` runs it:
+One step of Ouroboros (docs/architecture.md §2), as `decode_step` runs it:
 
 1. `draft_phase`: the draft model extends the committed text by γ tokens, phrase by
    phrase: each draft pass feeds the pending tokens, the pool phrases keyed by the current
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 import ouroboros_kernels
+from ouroboros.adaptive import StepObservation, StepPlan, fixed_plan
 from ouroboros.cache import StaticKVCache
 from ouroboros.config import OuroborosConfig
 from ouroboros.sampling import SamplingParams, choose_tokens
@@ -59,8 +60,12 @@ class GenerationStats:
     prefill is ``prefill_passes``), ``draft_passes`` the draft model's forward passes.
     Tokens: ``new_tokens`` emitted; ``draft_tokens`` proposed by the draft and
     ``accepted_draft_tokens`` of them accepted; ``suffix_tokens`` / ``window_tokens`` accepted
-    from pool suffixes / the target's Jacobi window; ``draft_phrase_tokens`` draft tokens
-    that came from pool phrases during drafting. Pool traffic: ``prompt_ngrams``,
+    from pool suffixes (root phrases included) / the target's Jacobi window;
+    ``root_phrase_tokens`` of the suffix tokens those from root phrases beside the draft;
+    ``draft_phrase_tokens`` draft tokens that came from pool phrases during drafting.
+    ``shapes``: steps per tree shape (`ouroboros.adaptive.StepPlan.label`, e.g.
+    ``"g3 K2 R0 P1"``: γ = 3 draft tokens, K = 2 suffixes, no root phrases, one pool phrase
+    per draft pass); one shape unless the trees adapt. Pool traffic: ``prompt_ngrams``,
     ``output_ngrams``, ``inspiration_ngrams``, ``window_ngrams`` inserted, ``refinements``
     written. Times in seconds: draft model passes, target verification (forward, choice,
     acceptance), pool operations, and the rest.
@@ -80,6 +85,8 @@ class GenerationStats:
     inspiration_ngrams: int = 0
     window_ngrams: int = 0
     refinements: int = 0
+    root_phrase_tokens: int = 0
+    shapes: dict[str, int] = field(default_factory=dict)
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_pool: float = 0.0
@@ -272,7 +279,7 @@ def forward_tree(runner: ModelRunner, pending: Sequence[int], tree: TokenTree) -
     tokens = list(pending) + tree.tokens
     parents = list(range(-1, num_pending - 1)) + [
         p + num_pending if p >= 0 else num_pending - 1 for p in tree.parents]
-    device = runner.cache.buffer.device
+    device = runner.cache.device
     start = runner.length
     input_ids = torch.tensor([tokens], dtype=torch.int64, device=device)
     is_chain = all(p == i - 1 for i, p in enumerate(parents))
@@ -285,9 +292,10 @@ def forward_tree(runner: ModelRunner, pending: Sequence[int], tree: TokenTree) -
         tree_mask = tree_mask[None]
         positions = depths.to(torch.int64) + start
     step = runner.cache.tree_step(len(tokens), tree_mask, is_chain, runner.backend)
-    output = runner.model(input_ids=input_ids, position_ids=positions[None], use_cache=True,
-                          logits_to_keep=len(tree) + 1, ouroboros_tree=step,
-                          **{runner.cache_kwarg: runner.cache})
+    with runner.cache.forward_context():  # layers on several GPUs: restores the current one
+        output = runner.model(input_ids=input_ids, position_ids=positions[None],
+                              use_cache=True, logits_to_keep=len(tree) + 1,
+                              ouroboros_tree=step, **{runner.cache_kwarg: runner.cache})
     return output.logits[0]
 
 
@@ -438,10 +446,11 @@ class Session:
     draft_window: JacobiWindow | None = None
     target_window: JacobiWindow | None = None
     rules: LogitRules | None = None  # the target's generation-config processors, if any
+    planner: object | None = None  # ouroboros.adaptive.AdaptivePlanner: per-step trees
 
     @property
     def device(self) -> torch.device:
-        return self.target.cache.buffer.device
+        return self.target.cache.device
 
     @property
     def last_position(self) -> int:
@@ -502,9 +511,9 @@ def insert_sequence_ngrams(session: Session, tokens: Sequence[int]) -> int:
 # ============================================================================ phases
 
 
-def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
+def draft_phase(session: Session, budget: int, phrases: int) -> tuple[list[int], int]:
     """Draft ``budget`` (at most γ) tokens with the draft model, phrase by phrase
-    (DESIGN.md §2).
+    (docs/architecture.md §2), trying ``phrases`` pool phrases per pass.
 
     Each pass feeds the draft's pending tokens, the pool phrases keyed by the last token
     and the Jacobi window; it keeps the longest phrase the draft agrees with and the draft's
@@ -513,14 +522,14 @@ def draft_phase(session: Session, budget: int) -> tuple[list[int], int]:
     Returns ``(draft_tokens, cached)``: the draft tokens and how many of them have their
     K/V in the draft cache (all but the last produced).
     """
-    config, runner, stats = session.config, session.draft, session.stats
+    runner, stats = session.draft, session.stats
     pending = session.tokens[runner.length:]
     drafted: list[int] = []
     with _Timer(stats, "time_draft"):
         while len(drafted) < budget:
             tree = TokenTree()
             first = len(session.tokens) + len(drafted)  # the position of a root node
-            for _, phrase in pool_phrases(session, pending[-1], config.draft_phrases):
+            for _, phrase in pool_phrases(session, pending[-1], phrases):
                 if session.fits(first, len(phrase)):
                     tree.add_path(-1, phrase)
             window = session.draft_window
@@ -566,25 +575,25 @@ class VerificationTree:
     window_nodes: list[list[int]] | None
 
 
-def build_verification_tree(session: Session, draft_tokens: list[int],
-                            budget: int) -> VerificationTree:
+def build_verification_tree(session: Session, draft_tokens: list[int], budget: int,
+                            plan: StepPlan) -> VerificationTree:
     """Pending end -> draft chain -> K pool suffixes keyed by the last draft token (the last
     committed token without a draft); beside the draft, ``root_phrases`` pool phrases keyed
     by the last committed token [and the target's Jacobi window]. No suffixes when the draft
-    already reaches ``budget`` (nothing after it could be emitted)."""
-    config = session.config
+    already reaches ``budget`` (nothing after it could be emitted). K and the root phrases
+    are the ``plan``'s."""
     tree = TokenTree()
     draft_nodes = tree.add_path(-1, draft_tokens)  # len(draft_tokens) <= budget: fits
     first = len(session.tokens)  # the position of a root node
     suffixes = []
-    if draft_tokens and config.root_phrases:
+    if draft_tokens and plan.root_phrases:
         last = session.tokens[-1]
-        for slot, phrase in pool_phrases(session, last, config.root_phrases):
+        for slot, phrase in pool_phrases(session, last, plan.root_phrases):
             if session.fits(first, len(phrase)):
                 suffixes.append(Suffix(last, slot, phrase, tree.add_path(-1, phrase), True))
     anchor = draft_nodes[-1] if draft_nodes else -1
     key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
-    num_suffixes = config.num_suffixes if len(draft_tokens) < budget else 0
+    num_suffixes = plan.num_suffixes if len(draft_tokens) < budget else 0
     for slot, phrase in pool_phrases(session, key, num_suffixes):
         if session.fits(first + len(draft_tokens), len(phrase)):
             suffixes.append(Suffix(key, slot, phrase, tree.add_path(anchor, phrase),
@@ -630,7 +639,7 @@ def verify(session: Session, verification: VerificationTree) -> Acceptance:
 
 def update_pool(session: Session, verification: VerificationTree, outcome: Acceptance,
                 accepted_draft: int, committed_from: int) -> None:
-    """Feed what verification revealed into the pool (DESIGN.md §2).
+    """Feed what verification revealed into the pool (docs/architecture.md §2).
 
     * refinement: each suffix verified in its true context (hanging from the committed end,
       or from a fully accepted draft) is overwritten in place by the target's choices along
@@ -684,14 +693,15 @@ def update_pool(session: Session, verification: VerificationTree, outcome: Accep
 
 
 def compact_caches(session: Session, outcome: Acceptance, committed_from: int,
-                   accepted_draft: int, draft_cached: int) -> None:
+                   accepted_draft: int, draft_cached: int | None) -> None:
     """Keep the accepted path's K/V in the target cache (moved behind the pending token in
     one ``compact_kv`` over all layers); roll the draft cache back to the draft tokens the
-    target accepted."""
+    target accepted (``draft_cached`` None: the draft did not run this step, and its cache,
+    all committed tokens, stays as it is until the next draft pass catches up)."""
     num_pending = committed_from - session.target.length
     session.target.cache.commit(num_pending, outcome.accepted_idx, outcome.accepted_len,
                                 len(outcome.path), session.target.backend)
-    if session.draft is not None:
+    if session.draft is not None and draft_cached is not None:
         session.draft.cache.truncate(committed_from + min(draft_cached, accepted_draft))
 
 
@@ -721,35 +731,63 @@ class StopRules:
 
 
 def count_accepted(stats: GenerationStats, verification: VerificationTree,
-                   outcome: Acceptance) -> int:
-    """Tally where the accepted tokens came from; returns how many were draft tokens."""
+                   outcome: Acceptance) -> tuple[int, int, int]:
+    """Tally where the accepted tokens came from; returns how many were draft tokens, how
+    many came from the suffixes after the draft (after the committed end without a draft),
+    and how many from root phrases beside the draft."""
     num_draft = len(verification.draft_nodes)
     accepted_draft = sum(1 for n in outcome.path if n < num_draft)  # a prefix of the path
-    suffix_nodes = {n for suffix in verification.suffixes for n in suffix.nodes
-                    if n >= num_draft}  # a phrase merged into the draft chain counts as draft
-    from_suffixes = sum(1 for n in outcome.path if n in suffix_nodes)
+    root_nodes, end_nodes = set(), set()
+    for suffix in verification.suffixes:  # a phrase merged into the draft counts as draft
+        beside = root_nodes if suffix.at_root and num_draft else end_nodes
+        beside.update(n for n in suffix.nodes if n >= num_draft)
+    from_roots = sum(1 for n in outcome.path if n in root_nodes)
+    from_suffixes = sum(1 for n in outcome.path if n in end_nodes)
     stats.draft_tokens += num_draft
     stats.accepted_draft_tokens += accepted_draft
-    stats.suffix_tokens += from_suffixes
-    stats.window_tokens += len(outcome.path) - accepted_draft - from_suffixes
-    return accepted_draft
+    stats.suffix_tokens += from_suffixes + from_roots
+    stats.root_phrase_tokens += from_roots
+    stats.window_tokens += len(outcome.path) - accepted_draft - from_suffixes - from_roots
+    return accepted_draft, from_suffixes, from_roots
+
+
+def plan_step(session: Session) -> StepPlan:
+    """The tree of the next step: the planner's choice (adaptive trees), else the
+    configuration's; counted in ``stats.shapes``."""
+    if session.planner is not None:
+        plan = session.planner.plan(len(session.tokens))
+    else:
+        plan = fixed_plan(session.config)
+    shapes = session.stats.shapes
+    shapes[plan.label] = shapes.get(plan.label, 0) + 1
+    return plan
 
 
 def decode_step(session: Session) -> list[int]:
     """One Ouroboros step; returns the tokens the target accepted (path + bonus)."""
+    stats = session.stats
+    plan = plan_step(session)
     committed_from = len(session.tokens)
     # Tokens a step may still emit besides the bonus: drafting further is wasted work.
     budget = session.max_new_tokens - (committed_from - session.prompt_length) - 1
-    draft_budget = min(session.config.gamma, budget)
-    draft_tokens, draft_cached = draft_phase(session, draft_budget) \
-        if session.draft is not None and draft_budget > 0 else ([], 0)
-    verification = build_verification_tree(session, draft_tokens, budget)
+    draft_budget = min(plan.gamma, budget)
+    passes_before, phrases_before = stats.draft_passes, stats.draft_phrase_tokens
+    draft_tokens, draft_cached = draft_phase(session, draft_budget, plan.draft_phrases) \
+        if session.draft is not None and draft_budget > 0 else ([], None)
+    verification = build_verification_tree(session, draft_tokens, budget, plan)
     outcome = verify(session, verification)
-    accepted_draft = count_accepted(session.stats, verification, outcome)
+    accepted_draft, from_suffixes, from_roots = count_accepted(stats, verification, outcome)
     compact_caches(session, outcome, committed_from, accepted_draft, draft_cached)
     chunk = outcome.path_tokens + [outcome.bonus]
     session.tokens.extend(chunk)
     update_pool(session, verification, outcome, accepted_draft, committed_from)
+    if session.planner is not None:
+        session.planner.observe(plan, StepObservation(
+            drafted=len(draft_tokens), accepted_draft=accepted_draft,
+            suffix_tokens=from_suffixes,
+            suffixes_in_context=accepted_draft == len(draft_tokens) < budget,
+            root_tokens=from_roots, draft_passes=stats.draft_passes - passes_before,
+            phrase_tokens=stats.draft_phrase_tokens - phrases_before))
     return chunk
 
 
