@@ -4,6 +4,19 @@ All layers live in ONE tensor ``buffer: [num_layers, 2, B, Hkv, S_max, D]`` (dim
 so that after each acceptance ``ouroboros_kernels.compact_kv`` moves the accepted rows of
 every layer in one launch. Per sequence, ``lengths[b]`` rows are committed.
 
+Targets bigger than one device (docs/architecture.md, `ouroboros.distributed`):
+
+* tensor parallel: `StaticKVCache.geometry` counts the KV heads of this rank's shard of
+  ``k_proj`` (not the config's full count), so each rank's cache holds only its own heads;
+* layers on several devices (accelerate's ``device_map``): one buffer per *device group*
+  (a run of consecutive layers executing on one device, `ouroboros.distributed.
+  device_groups`), ``buffers[g]: [layers in g, 2, B, Hkv, S_max, D]`` on that device, one
+  ``compact_kv`` per group. The lengths and the step's tree mask are mirrored on every
+  group's device; just before a layer's attention runs (its ``update`` call) the step is
+  pointed at that device's copies and, on CUDA, that device is made current (Triton
+  launches on the current device); `forward_context` restores the current device after the
+  forward. With one group (one device) none of this runs and nothing changes.
+
 Protocol of one decoding step (driven by `ouroboros.generate`):
 
 1. ``step = cache.tree_step(T, tree_mask, causal, backend)`` checks the room and describes
@@ -36,13 +49,17 @@ Compatibility with transformers 5.17 and 5.24+ (checked by tests in both version
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import ouroboros_kernels
 from ouroboros.attention import TreeStep
+from ouroboros.distributed import device_groups, layer_devices, local_kv_heads
 
 __all__ = ["CacheOverflowError", "StaticKVCache", "cache_kwarg_name"]
 
@@ -64,12 +81,13 @@ class _StaticKVLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, owner: StaticKVCache, layer_idx: int) -> None:
+    def __init__(self, owner: StaticKVCache, layer_idx: int, group: _DeviceGroup) -> None:
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
-        self.keys = owner.buffer[layer_idx, 0]
-        self.values = owner.buffer[layer_idx, 1]
+        self.group = group
+        self.keys = group.buffer[layer_idx - group.start, 0]
+        self.values = group.buffer[layer_idx - group.start, 1]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -79,8 +97,11 @@ class _StaticKVLayer(CacheLayerMixin):
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``key_states, value_states: [B, Hkv, T, D]`` at ``[lengths[b], lengths[b] +
         T)`` in place; return this layer's buffers ``[B, Hkv, S_max, D]``."""
-        self.owner._write(self.keys, key_states)
-        self.owner._write(self.values, value_states)
+        owner = self.owner
+        if owner.multi_device:
+            owner._enter_group(self.group, self.layer_idx, key_states.device)
+        owner._write(self.group, self.keys, key_states)
+        owner._write(self.group, self.values, value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -97,62 +118,148 @@ class _StaticKVLayer(CacheLayerMixin):
         self.owner.truncate(0)
 
 
+# The step's private fields: what the attention builds once per forward on the device of the
+# first layer that needs it (masks) and reuses; kept per device group.
+_STEP_CACHES = tuple(f.name for f in dataclasses.fields(TreeStep) if f.name.startswith("_"))
+
+
+def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when it is there; asynchronously only towards a GPU:
+    a host copy must be complete when it is read)."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type == "cuda")
+
+
+@dataclass(eq=False)
+class _DeviceGroup:
+    """Layers ``[start, stop)`` of a `StaticKVCache`, whose rows live on ``device``."""
+
+    index: int
+    device: torch.device
+    start: int
+    stop: int
+    buffer: torch.Tensor  # [stop - start, 2, B, Hkv, S_max, D]
+    lengths: torch.Tensor  # int32[B] on device (the cache's own ``lengths`` on its device)
+    positions: torch.Tensor  # arange(S_max) on device
+
+
 class StaticKVCache(Cache):
     """Preallocated KV cache ``[num_layers, 2, B, Hkv, S_max, D]`` with per-sequence lengths.
 
     Args:
-        num_layers, num_kv_heads, head_dim: the model's attention geometry.
+        num_layers, num_kv_heads, head_dim: the model's attention geometry (under tensor
+            parallelism: this rank's KV heads).
         max_length: S_max, rows per sequence (prompt + new tokens + largest tree + margin).
         batch_size: B.
-        dtype, device: of the buffer (the model's).
+        dtype, device: of the buffer (the model's); ``device`` is also where ``lengths``
+            and the engine's own tensors live (`StaticKVCache.device`).
+        layer_devices: the device each layer runs on (default: all on ``device``);
+            consecutive layers on one device share one buffer (a device group).
+        max_group_layers: at most this many layers per group (None: no limit).
+        mirror_groups: give every group of several its own copies of the lengths and of
+            the step's tensors even on ``device`` (what groups on other devices get): lets
+            the tests run that bookkeeping on one CPU.
 
     Attributes:
-        buffer: ``[num_layers, 2, B, Hkv, S_max, D]``, K at index 0 of dim 1, V at 1.
+        buffer: ``[num_layers, 2, B, Hkv, S_max, D]``, K at index 0 of dim 1, V at 1 (with
+            several device groups: the first group's buffer; ``buffers`` has them all).
         lengths: ``int32[B]`` committed rows per sequence (on ``device``); ``host_lengths``
             is the same as a Python list (kept in step without reading the device).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, *,
                  batch_size: int = 1, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu",
+                 layer_devices: list[torch.device | str] | None = None,
+                 max_group_layers: int | None = None, mirror_groups: bool = False) -> None:
         for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("max_length", max_length),
                             ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.buffer = torch.zeros((num_layers, 2, batch_size, num_kv_heads, max_length,
-                                   head_dim), dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=self.buffer.device)
+        if layer_devices is None:
+            layer_devices = [device] * num_layers
+        if len(layer_devices) != num_layers:
+            raise ValueError(f"layer_devices names {len(layer_devices)} devices for "
+                             f"{num_layers} layers")
+        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.device = self.lengths.device
         self.host_lengths = [0] * batch_size
-        self._positions = torch.arange(max_length, device=self.buffer.device)
-        super().__init__(layers=[_StaticKVLayer(self, i) for i in range(num_layers)])
+        self.groups: list[_DeviceGroup] = []
+        plan = device_groups(layer_devices, max_group_layers)
+        mirror_groups = mirror_groups and len(plan) > 1
+        for index, (group_device, start, stop) in enumerate(plan):
+            buffer = torch.zeros((stop - start, 2, batch_size, num_kv_heads, max_length,
+                                  head_dim), dtype=dtype, device=group_device)
+            lengths = self.lengths if buffer.device == self.device and not mirror_groups \
+                else torch.zeros(batch_size, dtype=torch.int32, device=buffer.device)
+            self.groups.append(_DeviceGroup(index, buffer.device, start, stop, buffer,
+                                            lengths,
+                                            torch.arange(max_length, device=buffer.device)))
+        self.buffers = [group.buffer for group in self.groups]
+        self.buffer = self.buffers[0]
+        # Several groups: one compaction each, the step's tensors per group (module doc).
+        self.multi_device = len(self.groups) > 1 or self.groups[0].device != self.device
+        self._step: TreeStep | None = None
+        self._step_group = -1  # the group whose tensors the step holds (-1: the cache's own)
+        self._step_tensors: dict[int, dict] = {}
+        layers = [_StaticKVLayer(self, i, group) for group in self.groups
+                  for i in range(group.start, group.stop)]
+        super().__init__(layers=layers)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, max_length: int,
-                  batch_size: int = 1) -> StaticKVCache:
-        """A cache shaped for ``model`` (a Llama-like ``PreTrainedModel``), on its device and
-        in its dtype."""
+    def for_model(cls, model: torch.nn.Module, max_length: int, batch_size: int = 1, *,
+                  max_group_layers: int | None = None,
+                  mirror_groups: bool = False) -> StaticKVCache:
+        """A cache shaped for ``model`` (a Llama-like ``PreTrainedModel``), in its dtype: its
+        lengths on the device of its first parameter, each layer's rows on the device that
+        layer runs on (`ouroboros.distributed.layer_devices`: one device, or the placement of
+        accelerate's ``device_map``), only this rank's KV heads under tensor parallelism."""
         layers, num_kv_heads, head_dim = cls.geometry(model)
         parameter = next(model.parameters())
         return cls(layers, num_kv_heads, head_dim, max_length,
-                   batch_size=batch_size, dtype=parameter.dtype, device=parameter.device)
+                   batch_size=batch_size, dtype=parameter.dtype, device=parameter.device,
+                   layer_devices=layer_devices(model, layers, parameter.device),
+                   max_group_layers=max_group_layers, mirror_groups=mirror_groups)
 
     @staticmethod
     def geometry(model: torch.nn.Module) -> tuple[int, int, int]:
-        """``(layers, KV heads, head dim)`` of a Llama-like model's cache."""
+        """``(layers, KV heads, head dim)`` of a Llama-like model's cache; under tensor
+        parallelism the KV heads of this rank's shard (`ouroboros.distributed.
+        local_kv_heads`)."""
         config = model.config
         head_dim = getattr(config, "head_dim", None) or \
             config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or \
             config.num_attention_heads
+        num_kv_heads = local_kv_heads(model, num_kv_heads, config.num_attention_heads,
+                                      head_dim)
         return config.num_hidden_layers, num_kv_heads, head_dim
 
     @classmethod
     def bytes_for(cls, model: torch.nn.Module, max_length: int, batch_size: int = 1) -> int:
-        """Bytes of the buffer `for_model` would allocate, without allocating it."""
+        """Bytes of the buffers `for_model` would allocate (all devices), without
+        allocating them."""
+        return sum(cls.bytes_per_device(model, max_length, batch_size).values())
+
+    @classmethod
+    def bytes_per_device(cls, model: torch.nn.Module, max_length: int,
+                         batch_size: int = 1) -> dict[torch.device, int]:
+        """Bytes `for_model` would allocate on each device, without allocating them."""
         layers, num_kv_heads, head_dim = cls.geometry(model)
-        element = next(model.parameters()).element_size()
-        return 2 * layers * batch_size * num_kv_heads * max_length * head_dim * element
+        parameter = next(model.parameters())
+        per_layer = 2 * batch_size * num_kv_heads * max_length * head_dim * \
+            parameter.element_size()
+        need: dict[torch.device, int] = {}
+        for device in layer_devices(model, layers, parameter.device):
+            need[device] = need.get(device, 0) + per_layer
+        return need
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all buffers."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers)
 
     # ------------------------------------------------------------------ geometry
 
@@ -169,7 +276,7 @@ class StaticKVCache(Cache):
              device: torch.device) -> bool:
         """Whether this cache can serve a request of that size (for reuse across calls)."""
         return (self.batch_size == batch_size and self.max_length >= max_length
-                and self.buffer.dtype == dtype and self.buffer.device == torch.device(device))
+                and self.buffer.dtype == dtype and self.device == torch.device(device))
 
     # ------------------------------------------------------------------ transformers API
 
@@ -178,7 +285,7 @@ class StaticKVCache(Cache):
         """transformers' entry point: see `_StaticKVLayer.update`."""
         return self.layers[layer_idx].update(key_states, value_states)
 
-    def _write(self, buffer: torch.Tensor, states: torch.Tensor) -> None:
+    def _write(self, group: _DeviceGroup, buffer: torch.Tensor, states: torch.Tensor) -> None:
         num_new = states.shape[2]
         lengths = self.host_lengths
         start = lengths[0]
@@ -189,9 +296,54 @@ class StaticKVCache(Cache):
         if all(length == start for length in lengths):
             buffer[:, :, start:start + num_new].copy_(states)
         else:  # sequences of different lengths: one scatter
-            rows = (self.lengths.to(torch.int64)[:, None] + self._positions[:num_new])
+            rows = (group.lengths.to(torch.int64)[:, None] + group.positions[:num_new])
             index = rows[:, None, :, None].expand_as(states)
             buffer.scatter_(2, index, states)
+
+    # ------------------------------------------------------------------ several devices
+
+    def _enter_group(self, group: _DeviceGroup, layer_idx: int, device: torch.device) -> None:
+        """Before layer ``layer_idx`` attends: point the step at its device's tensors and,
+        on CUDA, make that device current (see the module doc)."""
+        if device != group.device:
+            raise RuntimeError(
+                f"layer {layer_idx} computed its keys on {device}, but its cache rows were "
+                f"placed on {group.device} (from where the model's layers ran when the cache "
+                f"was made); build the decoder again after moving or re-dispatching the model")
+        step = self._step
+        if step is not None and group.index != self._step_group:
+            saved = self._step_tensors[self._step_group]
+            for name in _STEP_CACHES:  # what the attention built on the last group's device
+                saved[name] = getattr(step, name)
+            tensors = self._step_tensors.get(group.index)
+            if tensors is None:
+                own = self._step_tensors[-1]
+                if group.lengths is self.lengths:  # on the cache's device, not mirrored
+                    tensors = own
+                else:
+                    mask = own["tree_mask"]
+                    tensors = {"prefix_lens": group.lengths, "tree_mask": None if mask is None
+                               else _copy_to(mask, group.device)}
+                    tensors.update(dict.fromkeys(_STEP_CACHES))
+                self._step_tensors[group.index] = tensors
+            for name, value in tensors.items():
+                setattr(step, name, value)
+            self._step_group = group.index
+        if group.device.type == "cuda" and torch.cuda.current_device() != group.device.index:
+            torch.cuda.set_device(group.device)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """Wrap the model's forward in this: with layers on several CUDA devices, the
+        current CUDA device is restored after it (the layers switch it); otherwise nothing."""
+        if self.multi_device and any(group.device.type == "cuda" for group in self.groups):
+            return torch.cuda.device(torch.cuda.current_device())
+        return contextlib.nullcontext()
+
+    def _sync_lengths(self) -> None:
+        for group in self.groups:
+            if group.lengths is not self.lengths:
+                # Asynchronous only towards a GPU: a host copy must be complete when read.
+                group.lengths.copy_(self.lengths, non_blocking=group.device.type == "cuda")
 
     # ------------------------------------------------------------------ engine API
 
@@ -206,8 +358,13 @@ class StaticKVCache(Cache):
             raise CacheOverflowError(
                 f"context overflow: {longest} cached + {num_new} new tokens exceed the static "
                 f"cache's {self.max_length} rows")
-        return TreeStep(prefix_lens=self.lengths, tree_mask=tree_mask, causal=causal,
+        step = TreeStep(prefix_lens=self.lengths, tree_mask=tree_mask, causal=causal,
                         backend=backend, max_prefix_len=longest)
+        if self.multi_device:
+            self._step, self._step_group = step, -1
+            self._step_tensors = {-1: {"prefix_lens": self.lengths, "tree_mask": tree_mask,
+                                       **dict.fromkeys(_STEP_CACHES)}}
+        return step
 
     def commit(self, num_pending: int, accepted_idx: torch.Tensor | None = None,
                accepted_len: torch.Tensor | None = None, host_accepted_len: int = 0,
@@ -225,21 +382,38 @@ class StaticKVCache(Cache):
             backend: ``"triton"`` runs ``compact_kv`` (kernel), ``"reference"``
                 ``compact_kv_reference``.
         """
+        self._step = None
         if num_pending:
             self.lengths += num_pending
             self.host_lengths = [n + num_pending for n in self.host_lengths]
         if accepted_idx is None or host_accepted_len == 0:
+            if num_pending and self.multi_device:
+                self._sync_lengths()
             return
         compact = ouroboros_kernels.compact_kv if backend == "triton" \
             else ouroboros_kernels.compact_kv_reference
-        compact(self.buffer, self.lengths, accepted_idx, accepted_len)
+        if not self.multi_device:
+            compact(self.buffer, self.lengths, accepted_idx, accepted_len)
+        else:
+            self._sync_lengths()
+            for group in self.groups:  # one launch per device group, on its device
+                guard = torch.cuda.device(group.device) if group.device.type == "cuda" \
+                    else contextlib.nullcontext()
+                with guard:
+                    compact(group.buffer, group.lengths, _copy_to(accepted_idx, group.device),
+                            _copy_to(accepted_len, group.device))
         self.lengths += accepted_len.to(self.lengths.dtype)
         self.host_lengths = [n + host_accepted_len for n in self.host_lengths]
+        if self.multi_device:
+            self._sync_lengths()
 
     def truncate(self, length: int) -> None:
         """Forget every row from ``length`` on (all sequences)."""
         if length < 0 or length > self.max_length:
             raise ValueError(f"length must lie in [0, {self.max_length}], got {length}")
+        self._step = None
+        for group in self.groups:
+            group.lengths.fill_(length)
         self.lengths.fill_(length)
         self.host_lengths = [length] * self.batch_size
 
@@ -248,6 +422,8 @@ class StaticKVCache(Cache):
         self.truncate(0)
 
     def __repr__(self) -> str:
-        shape = "x".join(str(d) for d in self.buffer.shape)
-        return (f"StaticKVCache(buffer={shape} {str(self.buffer.dtype).replace('torch.', '')}, "
+        shapes = ", ".join("x".join(str(d) for d in buffer.shape) +
+                           ("" if len(self.buffers) == 1 else f" on {buffer.device}")
+                           for buffer in self.buffers)
+        return (f"StaticKVCache(buffer={shapes} {str(self.buffer.dtype).replace('torch.', '')}, "
                 f"lengths={self.host_lengths})")

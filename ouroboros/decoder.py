@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ouroboros import distributed
 from ouroboros.attention import (
     check_architecture,
     check_features,
@@ -81,9 +82,13 @@ def check_models(target: torch.nn.Module, draft: torch.nn.Module | None,
     if draft_parameter.dtype != target_parameter.dtype:
         raise TypeError(f"draft dtype {draft_parameter.dtype} differs from target dtype "
                         f"{target_parameter.dtype}; load both in the same dtype")
-    if draft_parameter.device != target_parameter.device:
-        raise ValueError(f"draft is on {draft_parameter.device} but target is on "
-                         f"{target_parameter.device}; put both on the same device")
+    if draft_parameter.device != target_parameter.device and \
+            draft_parameter.device.type == "cuda":
+        # Another GPU than the target's first one would need device guards around every
+        # Triton launch of the draft's steps; a CPU draft runs the PyTorch references.
+        raise ValueError(f"draft is on {draft_parameter.device} but target's first layer "
+                         f"is on {target_parameter.device}; put the draft on that device "
+                         f"or on the CPU")
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft and target must share the tokenizer: vocab sizes differ "
                          f"(draft {draft.config.vocab_size}, target "
@@ -293,27 +298,38 @@ class OuroborosDecoder:
         """A clear error before allocating caches larger than the device's free memory;
         ``rows``: cache rows per model name (``"target"``, ``"draft"``)."""
         models = {"target": self.target, "draft": self.draft}
-        need = sum(StaticKVCache.bytes_for(models[name], count) for name, count in rows.items())
-        if self.device.type == "cuda":
-            available = torch.cuda.mem_get_info(self.device)[0]
-        else:
-            try:
-                available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            except (ValueError, OSError, AttributeError):
-                return
-        if need > available:
-            raise ValueError(f"prompt + max_new_tokens ({rows['target']} cache rows) needs "
-                             f"{need / 2**30:.1f} GiB of KV cache, more than the "
-                             f"{available / 2**30:.1f} GiB available on {self.device}; "
-                             f"lower max_new_tokens")
+        needs: dict[torch.device, int] = {}  # per device (layers spread by a device_map)
+        for name, count in rows.items():
+            for device, size in StaticKVCache.bytes_per_device(models[name], count).items():
+                needs[device] = needs.get(device, 0) + size
+        for device, need in needs.items():
+            if device.type == "cuda":
+                available = torch.cuda.mem_get_info(device)[0]
+            else:
+                try:
+                    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                except (ValueError, OSError, AttributeError):
+                    continue
+            if need > available:
+                raise ValueError(f"prompt + max_new_tokens ({rows['target']} cache rows) needs "
+                                 f"{need / 2**30:.1f} GiB of KV cache on {device}, more than "
+                                 f"the {available / 2**30:.1f} GiB available there; "
+                                 f"lower max_new_tokens")
 
     # ------------------------------------------------------------------ pool
 
     def save_pool(self, path: str | os.PathLike) -> None:
-        """Write the candidate pool to ``path`` (safetensors, atomic)."""
+        """Write the candidate pool to ``path`` (safetensors, atomic).
+
+        Tensor parallel (`ouroboros.distributed`): every rank holds the same pool; call this
+        on every rank: rank 0 writes, the others wait at a barrier until it is done."""
         if self.pool is None:
             raise ValueError(f"method {self.config.name!r} keeps no candidate pool")
-        self.pool.save(path)
+        try:
+            if distributed.is_writer(self.target):
+                self.pool.save(path)
+        finally:  # also after a failed write: the other ranks must not wait forever
+            distributed.barrier(self.target)
 
     def load_pool(self, path: str | os.PathLike) -> None:
         """Replace the candidate pool by one saved with `save_pool` (same vocabulary, W, N)."""
@@ -476,6 +492,7 @@ class OuroborosDecoder:
         elif streamer is not None and not callable(streamer):
             raise TypeError("streamer must be callable or have put()/end() methods")
         result = run_generation(session, len(prompt), stop_rules, callback)
+        distributed.check_ranks_agree(self.target, session.tokens)  # tensor parallel only
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
         return result
