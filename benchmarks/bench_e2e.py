@@ -593,9 +593,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ouroboros.tuning import choose_num_threads
 
         print(f"torch threads: {choose_num_threads(target)} (measured; --threads to fix)")
-    from ouroboros.cli import _parse_overrides
-
-    overrides = _parse_overrides(args.set)
+    try:
+        overrides = OuroborosConfig.parse_overrides(args.set)
+    except ValueError as err:
+        raise SystemExit(f"bench_e2e.py: error: --set {err}") from None
     counter = PassCounter(target)
     stock_counter = PassCounter(stock) if stock is not None else None
     set_sizes = {"humaneval": args.prompts, "heldout": args.heldout, "chat": args.chat}

@@ -4,27 +4,33 @@
 models (a Hugging Face directory or a ``.gguf`` file each), streams the generated text to
 stdout and prints the decoding statistics to stderr.
 
+``ouroboros demo`` runs the embedded pair on built-in prompts (``ouroboros.demo``).
+
 A user error (missing or unreadable model, bad flag value, invalid ``--set``, a model pair
 or architecture the engine refuses) is one line on stderr, ``ouroboros: error: <message>``,
 with exit status 2; ``--debug`` (before or after the command) adds the traceback.
 
-Adding a command (e.g. ``ouroboros demo``): in its module, call
-``register_command(name, help, add_arguments, run)`` at import time and list the module in
-``COMMAND_MODULES`` below; ``main`` imports the listed modules that exist.
+The commands are the entries of `COMMANDS` (name -> `Command`: help, the function that
+declares its options, the function that runs it). Adding one: write its two functions
+(in its own module if large, as ``ouroboros.demo``; it may use this module's public
+helpers, imported inside its functions) and add an entry.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import dataclass
 
-__all__ = ["COMMAND_MODULES", "CLIError", "TextStream", "main", "register_command"]
+from ouroboros import demo
+
+__all__ = ["COMMANDS", "CLIError", "Command", "TextStream", "build_parser",
+           "check_model_path", "check_threads", "config_from_flags", "main",
+           "resolve_device_dtype"]
 
 # The spelling of ``force_architecture`` on the command line (``generate`` and ``demo``).
 FORCE_FLAG = "--force-architecture"
@@ -59,19 +65,16 @@ def cli_message(err: BaseException) -> str:
         message = message.replace("force=True", FORCE_FLAG)
     return " ".join(message.split())  # one line
 
-# Modules that register extra commands when imported (missing ones are skipped).
-COMMAND_MODULES = ("ouroboros.demo",)
 
-_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
-                           Callable[[argparse.Namespace], int]]] = {}
+@dataclass(frozen=True)
+class Command:
+    """One ``ouroboros <name>`` command: ``help`` (one line), ``add_arguments(parser)``
+    declares its options, ``run(args)`` executes it and returns the exit status (a user
+    error raises `CLIError` or one of `USER_ERRORS`)."""
 
-
-def register_command(name: str, help: str,
-                     add_arguments: Callable[[argparse.ArgumentParser], None],
-                     run: Callable[[argparse.Namespace], int]) -> None:
-    """Make ``ouroboros <name>`` available: ``add_arguments(parser)`` declares its options,
-    ``run(args)`` executes it and returns the exit status."""
-    _COMMANDS[name] = (help, add_arguments, run)
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 # ----------------------------------------------------------------------------- generate
@@ -112,54 +115,30 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set force_architecture=true), at your own risk")
 
 
-def _parse_overrides(items: Sequence[str]) -> dict:
-    from ouroboros.config import OuroborosConfig
+def config_from_flags(method: str, items: Sequence[str], *,
+                      force_architecture: bool = False):
+    """``OuroborosConfig.from_overrides(items, method=method)`` (plus
+    ``force_architecture=True`` for ``--force-architecture``), with its errors as user
+    errors: ``--set <problem>`` for an item that does not parse (``--set gamma: expected an
+    integer, got 'x'``), ``--set: <message>`` for a value the configuration refuses."""
+    from ouroboros.config import OuroborosConfig, OverrideError
 
-    # ``name`` is the method's label, chosen by --method: not settable.
-    types = {f.name: str(f.type) for f in fields(OuroborosConfig) if f.name != "name"}
-    overrides = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if name == "name":
-            raise CLIError("--set name: not settable (--method names the configuration)")
-        if not sep or name not in types:
-            raise CLIError(f"--set expects FIELD=VALUE with FIELD one of "
-                           f"{', '.join(sorted(types))}; got {item!r}")
-        kind, value = types[name], value.strip()
-        if "bool" in kind:
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                raise CLIError(f"--set {name}: expected true/false, got {value!r}")
-            overrides[name] = value.lower() in ("true", "1", "yes", "on")
-        elif "int" in kind:
-            try:
-                overrides[name] = int(value)
-            except ValueError:
-                raise CLIError(f"--set {name}: expected an integer, got {value!r}") from None
-        elif "str" in kind:
-            overrides[name] = None if value.lower() == "none" else value
-        else:  # a field type this parser does not know: refuse rather than pass a string
-            raise CLIError(f"--set {name}: cannot be set from the command line")
-    return overrides
-
-
-def _make_config(method: str, overrides: dict):
-    """``OuroborosConfig.preset(method, **overrides)``; an invalid value is a user error
-    with the config's own message."""
-    from ouroboros.config import OuroborosConfig
-
+    fields = {"force_architecture": True} if force_architecture else {}
     try:
-        return OuroborosConfig.preset(method, **overrides)
+        return OuroborosConfig.from_overrides(items, method=method, **fields)
+    except OverrideError as err:
+        raise CLIError(f"--set {err}") from err
     except (ValueError, TypeError) as err:
-        raise CLIError(f"--set: {err}" if overrides else str(err)) from err
+        raise CLIError(f"--set: {err}" if items or fields else str(err)) from err
 
 
-def _check_threads(threads: int | None) -> None:
+def check_threads(threads: int | None) -> None:
+    """A user error unless ``threads`` is None or >= 1 (``--threads``)."""
     if threads is not None and threads < 1:
         raise CLIError(f"--threads must be >= 1, got {threads}")
 
 
-def _resolve_device_dtype(device: str | None, dtype: str | None):
+def resolve_device_dtype(device: str | None, dtype: str | None):
     """``(torch.device, torch.dtype)`` from --device / --dtype, as user errors."""
     from ouroboros.models import resolve_device, resolve_dtype
 
@@ -226,11 +205,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
     from ouroboros.decoder import OuroborosDecoder
+    from ouroboros.models import chat_prompt_ids
 
-    overrides = _parse_overrides(args.set)
-    if args.force_architecture:
-        overrides["force_architecture"] = True
-    config = _make_config(args.method, overrides)
+    config = config_from_flags(args.method, args.set, force_architecture=args.force_architecture)
     if config.use_draft and args.draft is None:
         raise CLIError(f"--method {args.method} needs --draft (or use --method lookahead "
                        "or greedy)")
@@ -249,10 +226,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise CLIError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    _check_threads(args.threads)
+    check_threads(args.threads)
     if args.draft is not None and config.use_draft:
         check_model_path("--draft", args.draft)
-    device, dtype = _resolve_device_dtype(args.device, args.dtype)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     target, tokenizer = _load(args.target, device, dtype, "--target")
@@ -260,13 +237,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     if config.use_draft:
         draft, _ = _load(args.draft, device, dtype, "--draft")
     if args.chat:
-        input_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-            return_tensors="pt", return_dict=True)["input_ids"]
+        try:
+            ids = chat_prompt_ids(tokenizer, args.prompt, require_template=True)
+        except ValueError as err:
+            raise CLIError(f"--chat: {err} (give the prompt without --chat)") from err
     else:
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        ids = tokenizer(args.prompt).input_ids
     device = next(target.parameters()).device
-    input_ids = input_ids.to(device=device, dtype=torch.int64)
+    input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
     decoder = OuroborosDecoder(target, draft, config)
     streamer = None if args.no_stream else TextStream(tokenizer, sys.stdout)
     temperature = args.temperature if args.temperature > 0 else None  # 0: greedy
@@ -280,34 +258,34 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command("generate", "generate text with a target (and draft) model",
-                 _add_generate_arguments, _run_generate)
+# ----------------------------------------------------------------------------- commands
+
+
+COMMANDS: dict[str, Command] = {
+    "generate": Command("generate text with a target (and draft) model",
+                        _add_generate_arguments, _run_generate),
+    "demo": Command(demo.HELP, demo.add_arguments, demo.run),
+}
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered command."""
-    for module in COMMAND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # the module exists but one of its imports is missing
-                raise
+    """The argument parser with every command of `COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="ouroboros",
         description="Lossless Ouroboros speculative decoding for Hugging Face Llama models.")
     debug_help = "on an error, show the Python traceback (default: one line on stderr)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_arguments, run) in sorted(_COMMANDS.items()):
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        add_arguments(sub)
+    for name, command in sorted(COMMANDS.items()):
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
         # Accepted after the command too; SUPPRESS keeps a top-level --debug.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help=debug_help)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=command.run)
     return parser
 
 
@@ -337,8 +315,8 @@ def _report(err: BaseException, message: str, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    # Run the package's module (not this __main__ copy) so that commands registered by other
-    # modules land in the same registry.
+    # Run the package's module, not this __main__ copy: the commands (ouroboros.demo) import
+    # CLIError and the helpers from ouroboros.cli, and main must catch that CLIError.
     from ouroboros.cli import main as package_main
 
     sys.exit(package_main())

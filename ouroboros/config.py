@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ATTENTION_BACKENDS", "PRESETS", "OuroborosConfig"]
+__all__ = ["ATTENTION_BACKENDS", "PRESETS", "OuroborosConfig", "OverrideError"]
 
 ATTENTION_BACKENDS = ("triton", "reference")
 PRESETS = ("greedy", "speculative", "lookahead", "ouroboros")
+
+
+class OverrideError(ValueError):
+    """A ``FIELD=VALUE`` string that does not parse (`OuroborosConfig.parse_overrides`):
+    no ``=``, a FIELD that is not a settable field, or a VALUE of the wrong kind. The
+    message names the field (``"gamma: expected an integer, got 'x'"``) or, for an unknown
+    one, lists the settable fields (``"expects FIELD=VALUE with FIELD one of ..."``)."""
 
 
 @dataclass
@@ -175,6 +183,63 @@ class OuroborosConfig:
                         refinement=False, seed_pool_from_prompt=False, pool_from_output=False)
         base.update(overrides)
         return cls(**base)
+
+    # ------------------------------------------------------------------ FIELD=VALUE strings
+
+    @classmethod
+    def parse_overrides(cls, items: Iterable[str]) -> dict[str, object]:
+        """Parse ``FIELD=VALUE`` strings (the CLI's ``--set``) into ``{field: value}``.
+
+        FIELD is any field but ``name`` (the preset names the configuration); VALUE is
+        read by the field's type: ``true/false/1/0/yes/no/on/off`` for a bool, an integer
+        for an int, the text for a str (``none`` for None). Whitespace around both is
+        ignored; a field given twice keeps the last value. Only the syntax is checked here
+        (`from_overrides` also validates the values). Raises `OverrideError` (a
+        ValueError) naming the field, TypeError when ``items`` is not an iterable of str.
+        """
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise TypeError(f"items must be an iterable of 'FIELD=VALUE' strings, got "
+                            f"{type(items).__name__}")
+        types = {f.name: str(f.type) for f in dataclasses.fields(cls) if f.name != "name"}
+        overrides: dict[str, object] = {}
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(f"items must be 'FIELD=VALUE' strings, got {item!r}")
+            name, sep, value = item.partition("=")
+            name, value = name.strip(), value.strip()
+            if name == "name":
+                raise OverrideError("name: not settable (the method names the configuration)")
+            if not sep or name not in types:
+                raise OverrideError(f"expects FIELD=VALUE with FIELD one of "
+                                    f"{', '.join(sorted(types))}; got {item!r}")
+            kind = types[name]
+            if "bool" in kind:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise OverrideError(f"{name}: expected true/false, got {value!r}")
+                overrides[name] = value.lower() in ("true", "1", "yes", "on")
+            elif "int" in kind:
+                try:
+                    overrides[name] = int(value)
+                except ValueError:
+                    raise OverrideError(f"{name}: expected an integer, got {value!r}") from None
+            elif "str" in kind:
+                overrides[name] = None if value.lower() == "none" else value
+            else:  # a field type this parser does not know: refuse rather than pass a string
+                raise OverrideError(f"{name}: cannot be set from a FIELD=VALUE string")
+        return overrides
+
+    @classmethod
+    def from_overrides(cls, items: Iterable[str], *, method: str = "ouroboros",
+                       **fields) -> OuroborosConfig:
+        """The validated configuration of preset ``method`` with ``FIELD=VALUE`` strings
+        applied (`parse_overrides`), then the keyword ``fields`` (which win).
+
+        ``OuroborosConfig.from_overrides(["gamma=8", "window=on"], method="ouroboros")``.
+        Raises `OverrideError` for a string that does not parse, and the configuration's
+        own ValueError / TypeError, naming the field, for a value it refuses
+        (``"gamma must be an int >= 1, got 0"``) or an unknown ``method``.
+        """
+        return cls.preset(method, **{**cls.parse_overrides(items), **fields})
 
 
 def backend_from_environment() -> str | None:

@@ -11,6 +11,9 @@ Options: ``--max-new-tokens``, ``--device``, ``--prompts N``, ``--method`` (``ou
 ``speculative``, ``lookahead``), ``--no-stream``, ``--no-tune`` (the preset instead of the
 configuration tuned for this device, see `ouroboros.tuning`), ``--set FIELD=VALUE``
 (override one `OuroborosConfig` field), ``--target`` / ``--draft`` (other models).
+
+The command's entry in ``ouroboros.cli.COMMANDS`` is `add_arguments` + `run`; they use the
+CLI's public helpers, imported inside them (``ouroboros.cli`` imports this module).
 """
 
 from __future__ import annotations
@@ -21,10 +24,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ouroboros.cli import TextStream, register_command
+if TYPE_CHECKING:
+    from ouroboros.cli import TextStream
 
-__all__ = ["DEMO_PROMPTS", "DemoRow", "run_demo"]
+__all__ = ["DEMO_PROMPTS", "HELP", "DemoRow", "add_arguments", "encode_prompt", "format_table",
+           "run", "run_demo"]
+
+HELP = ("generate from built-in prompts with greedy decoding and with Ouroboros, and compare "
+        "speed and output")
 
 # (kind, text): "code" prompts are raw text for the model to continue, "chat" prompts a
 # user turn in the chat template. Written for the demo (not from any training set).
@@ -84,12 +93,15 @@ class _TransformersStreamer:
 
 
 def encode_prompt(tokenizer, kind: str, text: str) -> list[int]:
-    """Token ids of a demo prompt: chat prompts in the tokenizer's chat template (as one
-    user turn, ready for the answer) when it has one."""
-    if kind == "chat" and getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
-        return tokenizer(rendered, add_special_tokens=False).input_ids
+    """Token ids of a demo prompt: a ``chat`` prompt in the tokenizer's chat template (as one
+    user turn, ready for the answer; plain text when it has none, see
+    `ouroboros.models.chat_prompt_ids`), a ``code`` prompt as plain text."""
+    from ouroboros.models import chat_prompt_ids
+
+    if kind == "chat":
+        return chat_prompt_ids(tokenizer, text)
+    if kind != "code":
+        raise ValueError(f"kind must be 'code' or 'chat', got {kind!r}")
     return tokenizer(text).input_ids
 
 
@@ -113,6 +125,7 @@ def run_demo(target, draft, tokenizer, config, prompts, max_new_tokens: int, *,
     False (then only the method's text is printed, once)."""
     import torch
 
+    from ouroboros.cli import TextStream
     from ouroboros.decoder import OuroborosDecoder
 
     out = out if out is not None else sys.stdout
@@ -182,7 +195,8 @@ def format_table(rows: list[DemoRow], method: str) -> str:
 # ----------------------------------------------------------------------------- command
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``ouroboros demo`` on ``parser``."""
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="new tokens per prompt at most (default 128)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: auto)")
@@ -249,29 +263,33 @@ def _load_pair(args):
     return target, draft, tokenizer
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``ouroboros demo``: 0 when every output equals greedy decoding's, 1 otherwise;
+    a bad option raises ``ouroboros.cli.CLIError`` before any model is loaded."""
     from ouroboros.cli import (
         CLIError,
-        _check_threads,
-        _make_config,
-        _parse_overrides,
-        _resolve_device_dtype,
         check_model_path,
+        check_threads,
+        config_from_flags,
+        resolve_device_dtype,
     )
+    from ouroboros.config import OuroborosConfig
 
     if not 1 <= args.prompts <= len(DEMO_PROMPTS):
         raise CLIError(f"--prompts must lie in [1, {len(DEMO_PROMPTS)}], got {args.prompts}")
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    overrides = _parse_overrides(args.set)
+    # An invalid --set value is a user error before the loading; the fields it sets are
+    # fixed in the tuning (the rest is tuned around them).
+    config_from_flags(args.method, args.set, force_architecture=args.force_architecture)
+    overrides = OuroborosConfig.parse_overrides(args.set)
     if args.force_architecture:
         overrides["force_architecture"] = True
-    _make_config(args.method, overrides)  # an invalid --set value: before the loading
-    _check_threads(args.threads)
+    check_threads(args.threads)
     for flag, path in (("--target", args.target), ("--draft", args.draft)):
         if path is not None:
             check_model_path(flag, path)
-    _resolve_device_dtype(args.device, args.dtype)  # a bad --device / --dtype: user error
+    resolve_device_dtype(args.device, args.dtype)  # a bad --device / --dtype: user error
     import torch
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -325,7 +343,3 @@ def _describe(config) -> str:
             parts.append(f"root_phrases={config.root_phrases}")
     parts.append(f"window={config.window_size if config.window else 'off'}")
     return ", ".join(parts)
-
-
-register_command("demo", "generate from built-in prompts with greedy decoding and with "
-                 "Ouroboros, and compare speed and output", _add_arguments, _run)

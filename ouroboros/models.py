@@ -34,6 +34,7 @@ __all__ = [
     "PrepackedLinear",
     "PrepackedSubsetLMHead",
     "SubsetLMHead",
+    "chat_prompt_ids",
     "default_cache_dir",
     "gguf_cache_entry",
     "load_demo_pair",
@@ -388,8 +389,9 @@ def load_draft(
     A ``LlamaForCausalLM`` with SmolLM2's vocabulary (49152) and special tokens; its
     weights are stored in half precision and cast to ``dtype`` (float32 on CPU). Its
     ``lm_head`` is a :class:`SubsetLMHead`: it scores the few thousand tokens the target
-    chooses most often and gives every other token the lowest logit (see
-    ``ouroboros/distill.py``); ``draft(ids).logits`` still spans the full vocabulary.
+    chooses most often and gives every other token the lowest logit (made by the
+    repository's ``python -m tools.distill``, see ``benchmarks/results/draft_smollm2.md``);
+    ``draft(ids).logits`` still spans the full vocabulary.
     """
     folder = Path(path) if path is not None else DRAFT_SMOLLM2_DIR
     if not (folder / "config.json").is_file():
@@ -420,6 +422,30 @@ def load_demo_pair(
     )
     draft = load_draft(device=device, dtype=dtype, progress=progress)
     return target, draft, tokenizer
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def chat_prompt_ids(tokenizer, text: str, *, require_template: bool = False) -> list[int]:
+    """Token ids of ``text`` as one user turn in the tokenizer's chat template, ready for the
+    assistant's answer (``add_generation_prompt=True``): the prompt to pass to ``generate``.
+
+    The template is rendered to a string and encoded with ``add_special_tokens=False`` (the
+    template writes its own special tokens), which gives the ids of
+    ``apply_chat_template(..., tokenize=True)``. A tokenizer without a chat template
+    encodes ``text`` as plain text (``tokenizer(text).input_ids``), or, with
+    ``require_template=True``, raises ValueError. ``text`` must be a str (TypeError).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not getattr(tokenizer, "chat_template", None):
+        if require_template:
+            raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template")
+        return list(tokenizer(text).input_ids)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False).input_ids)
 
 
 # ------------------------------------------------------------------ reduced output head
@@ -594,7 +620,7 @@ def _is_factorised_draft(folder: Path) -> bool:
 
 
 def _load_factorised_draft(folder: Path, dtype: torch.dtype, **from_pretrained_kwargs):
-    """Build the ``LlamaForCausalLM`` of a draft written by ``ouroboros.distill export``.
+    """Build the ``LlamaForCausalLM`` of a draft written by ``python -m tools.distill export``.
 
     The file stores the trunk under Llama's names and, under ``ouroboros.*``, a factorised
     embedding (``embed_basis [V, r]``, ``embed_in [r, d]``, ``embed_out [r, d]``) and the

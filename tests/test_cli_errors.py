@@ -223,3 +223,45 @@ def test_process_exit_status_and_one_stderr_line(tmp_path):
     assert proc.stderr.splitlines() == [f"ouroboros: error: --target: no model at "
                                         f"{tmp_path / 'missing'}"]
     assert proc.stdout == ""
+
+
+def test_config_from_overrides_parses_and_validates():
+    from ouroboros.config import OuroborosConfig, OverrideError
+
+    config = OuroborosConfig.from_overrides([" gamma = 8", "window=on", "attention_backend=none",
+                                             "gamma=7"], method="speculative", num_suffixes=2)
+    assert (config.name, config.gamma, config.window, config.num_suffixes) == \
+        ("speculative", 7, True, 2)  # the last gamma wins; keyword fields win over strings
+    assert config.attention_backend is None
+    assert OuroborosConfig.from_overrides([]) == OuroborosConfig.preset("ouroboros")
+    assert OuroborosConfig.parse_overrides(["use_draft=no", "ngram=3"]) == \
+        {"use_draft": False, "ngram": 3}
+    for item, message in (("colour=blue", "expects FIELD=VALUE with FIELD one of"),
+                          ("gamma", "expects FIELD=VALUE"),
+                          ("name=x", "name: not settable"),
+                          ("gamma=abc", "gamma: expected an integer, got 'abc'"),
+                          ("window=maybe", "window: expected true/false, got 'maybe'")):
+        with pytest.raises(OverrideError, match=message):
+            OuroborosConfig.from_overrides([item])
+    with pytest.raises(ValueError, match="gamma must be an int >= 1, got 0") as info:
+        OuroborosConfig.from_overrides(["gamma=0"])
+    assert not isinstance(info.value, OverrideError)  # a refused value, not a syntax error
+    with pytest.raises(ValueError, match="method must be one of"):
+        OuroborosConfig.from_overrides([], method="fastest")
+    with pytest.raises(TypeError, match="iterable of 'FIELD=VALUE' strings"):
+        OuroborosConfig.from_overrides("gamma=8")
+    with pytest.raises(TypeError, match="'FIELD=VALUE' strings"):
+        OuroborosConfig.parse_overrides([("gamma", 8)])
+
+
+def test_chat_flag_needs_a_chat_template(dirs, capsys):
+    message = user_error(generate_args(dirs, "--chat"), capsys)
+    assert message.startswith("--chat: the tokenizer") and "no chat template" in message
+
+
+def test_command_table():
+    assert set(cli.COMMANDS) == {"generate", "demo"}
+    from ouroboros import demo
+
+    assert cli.COMMANDS["demo"].run is demo.run
+    assert cli.COMMANDS["demo"].add_arguments is demo.add_arguments

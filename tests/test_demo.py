@@ -93,6 +93,24 @@ def test_chat_prompts_use_the_chat_template(pair_dirs):
     assert encode_prompt(tokenizer, "code", "w7 w8") == tokenizer("w7 w8").input_ids
     kinds = [kind for kind, _ in DEMO_PROMPTS[:3]]
     assert kinds == ["code", "chat", "code"]
+    with pytest.raises(ValueError, match="kind must be"):
+        encode_prompt(tokenizer, "poem", "w7")
+
+
+def test_chat_prompt_ids_with_and_without_a_template(pair_dirs):
+    from ouroboros.models import chat_prompt_ids
+
+    _, _, tokenizer = pair_dirs
+    ids = chat_prompt_ids(tokenizer, "w7 w8")
+    assert ids == tokenizer.apply_chat_template([{"role": "user", "content": "w7 w8"}],
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+    plain = word_tokenizer(48)  # no chat template: plain encoding, or an error on request
+    assert chat_prompt_ids(plain, "w7 w8") == plain("w7 w8").input_ids
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_prompt_ids(plain, "w7", require_template=True)
+    with pytest.raises(TypeError, match="text must be a str"):
+        chat_prompt_ids(tokenizer, ["w7"])
 
 
 def test_format_table_totals():
