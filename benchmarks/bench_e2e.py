@@ -19,7 +19,7 @@ Methods (batch 1, greedy, the same target and draft objects for all):
 
 Prompt sets: ``humaneval`` (HumanEval 0-81, the problems whose target continuations the
 distilled draft was trained on), ``heldout`` (HumanEval 82-163, never trained on) and
-``chat`` (the held-out chat prompts of `ouroboros.prompts`, in the chat template). Each set
+``chat`` (the held-out chat prompts of `tools.prompts`, in the chat template). Each set
 takes an evenly spaced subset of its prompts.
 
 Interleaving: for every prompt, each method runs once, the order rotated by one per
@@ -56,6 +56,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The prompt sets live in the repository's tools/ (not installed with the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
@@ -86,7 +88,8 @@ def evenly_spaced(count: int, start: int, stop: int) -> list[int]:
 
 def prompt_set(name: str, count: int, tokenizer) -> list[tuple[str, list[int]]]:
     """``[(label, token ids)]`` of ``count`` prompts of set ``name``."""
-    from ouroboros.prompts import CHAT_HELDOUT, chat_prompt, humaneval_prompts
+    from ouroboros.models import chat_prompt_ids
+    from tools.prompts import CHAT_HELDOUT, humaneval_prompts
 
     if name in ("humaneval", "heldout"):
         start, stop = (0, 82) if name == "humaneval" else (82, 164)
@@ -95,8 +98,8 @@ def prompt_set(name: str, count: int, tokenizer) -> list[tuple[str, list[int]]]:
         return [(f"HumanEval/{i}", tokenizer(texts[i - start]).input_ids) for i in picked]
     if name == "chat":
         picked = evenly_spaced(count, 0, len(CHAT_HELDOUT))
-        return [(f"chat/{i}", tokenizer(chat_prompt(tokenizer, CHAT_HELDOUT[i]),
-                                        add_special_tokens=False).input_ids) for i in picked]
+        return [(f"chat/{i}", chat_prompt_ids(tokenizer, CHAT_HELDOUT[i], require_template=True))
+                for i in picked]
     raise ValueError(f"unknown prompt set {name!r}; expected one of {SETS}")
 
 
@@ -471,9 +474,9 @@ def load_models(args, device: torch.device):
     else:
         target, tokenizer = load_target(device=device, dtype=dtype)
     if args.draft and args.draft.startswith("truncated:"):
-        from ouroboros.distill import truncated_target
+        from ouroboros.models import truncated_draft
 
-        draft = truncated_target(target, int(args.draft.split(":", 1)[1]))
+        draft = truncated_draft(target, int(args.draft.split(":", 1)[1]))
     elif args.draft:
         draft = load_model(args.draft, device=device, dtype=dtype)
     else:

@@ -1,5 +1,6 @@
-"""The distillation pipeline on tiny random models (seconds): teacher records, the
-training loop (loss falls, checkpoints resume to the same weights), export and load."""
+"""The distillation pipeline (``tools.distill``, repository tooling) on tiny random models
+(seconds): teacher records, the training loop (loss falls, checkpoints resume to the same
+weights), export and load, evaluation helpers and the command line."""
 
 import dataclasses
 import math
@@ -8,20 +9,25 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ouroboros.distill import (
+from ouroboros.models import SubsetLMHead, load_draft
+from tools.distill import (
+    STAGES,
     DraftConfig,
     DraftStudent,
     TrainConfig,
-    agreement,
+    agreement_on_records,
     build_stream,
     choose_output_vocab,
     distill_loss,
     export_draft,
+    macs_per_token,
+    pass_seconds,
+    render_report,
     teacher_generate,
     teacher_label,
+    teacher_stop_ids,
     train,
 )
-from ouroboros.models import SubsetLMHead, load_draft
 
 VOCAB = 96
 
@@ -168,12 +174,12 @@ def test_training_checkpoints_and_resumes_to_identical_weights(
 def test_training_learns_the_teacher(teacher, stream_and_eval, tmp_path):
     stream, held_out = stream_and_eval
     student = _tiny_student(teacher, stream)
-    before = agreement(student, held_out)["agreement"]
+    before = agreement_on_records(student, held_out)["agreement"]
     summary = train(student, stream, _cfg(steps=40, save_every=0, log_every=10, lr=1e-2),
                     tmp_path, progress=False)
     losses = [h["loss"] for h in summary["history"] if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
-    after = agreement(student, held_out)["agreement"]
+    after = agreement_on_records(student, held_out)["agreement"]
     assert after > before + 0.1, (before, after)
 
 
@@ -201,7 +207,7 @@ def test_export_loads_as_llama_with_subset_head(teacher, stream_and_eval, tmp_pa
     outside = torch.ones(VOCAB, dtype=torch.bool)
     outside[subset] = False
     assert (logits[..., outside] == torch.finfo(logits.dtype).min).all()
-    assert agreement(draft, held_out) == agreement(student, held_out)
+    assert agreement_on_records(draft, held_out) == agreement_on_records(student, held_out)
     # fp16 storage (the shipped format) changes little.
     out16 = export_draft(student, teacher.config, tmp_path / "draft16", dtype=torch.float16)
     draft16 = load_draft(path=out16, progress=False, device="cpu")
@@ -222,7 +228,7 @@ def test_records_file_cannot_run_code(tmp_path):
     run code on load is refused instead."""
     import pickle
 
-    from ouroboros.distill import _records_load
+    from tools.distill import load_records
 
     class Exploit:
         def __reduce__(self):
@@ -231,4 +237,60 @@ def test_records_file_cannot_run_code(tmp_path):
     path = tmp_path / "records.pt"
     torch.save([Exploit()], path)
     with pytest.raises(pickle.UnpicklingError):
-        _records_load(path)
+        load_records(path)
+
+
+def test_teacher_stop_ids_add_the_tokenizers_end_markers(teacher):
+    from types import SimpleNamespace
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 2, "x": 5}
+    tokenizer = SimpleNamespace(eos_token_id=7, get_vocab=lambda: vocab,
+                                convert_tokens_to_ids=vocab.__getitem__)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[2, 9]))
+    assert teacher_stop_ids(tokenizer, model) == (0, 2, 7, 9)
+    model.generation_config.eos_token_id = None
+    tokenizer.eos_token_id = None
+    assert teacher_stop_ids(tokenizer, model) == (0, 2)
+
+
+def test_pass_seconds_and_macs_of_a_truncated_draft(teacher):
+    import copy
+
+    from ouroboros.models import truncated_draft
+
+    target = copy.deepcopy(teacher)  # the measurement switches its attention
+    first = truncated_draft(target, 1)
+    seconds = pass_seconds({"target": target, "first1": first}, (8, 1), rounds=1, repeats=1)
+    assert set(seconds) == {"target", "first1"}
+    assert all(set(d) == {1, 8} and all(v > 0 for v in d.values()) for d in seconds.values())
+    assert macs_per_token(first, context=0) < macs_per_token(target, context=0)
+    with pytest.raises(ValueError, match="rounds"):
+        pass_seconds({"target": target}, rounds=0)
+
+
+def test_render_report_of_an_evaluate_result():
+    agree = {"agreement": 0.5, "positions": 10}
+    per_model = {"humaneval-heldout": agree, "chat-heldout": agree, "all": agree,
+                 "parameters": 2_000_000}
+    result = {"date": "2026-01-01 00:00", "machine": "x86_64", "threads": 1, "torch": "2",
+              "transformers": "5", "draft": per_model, "first2": per_model,
+              "latency_ms": {n: {"1": 2.0, "8": 4.0} for n in ("target", "draft", "first2")},
+              "cost_ratio": {n: {"1": 0.5, "8": 0.5} for n in ("draft", "first2")},
+              "macs_per_token": {"target": 100, "draft": 10, "first2": 50},
+              "draft_file_mb": 1.0}
+    report = render_report(result, {})
+    assert report.startswith("# Distilled draft") and "python -m tools.distill" in report
+    assert "| distilled draft | 50.0% |" in report
+
+
+def test_command_line_runs_from_the_repository_root():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "tools.distill", "--help"], cwd=root,
+                          capture_output=True, text=True, check=True)
+    assert "python -m tools.distill" in done.stdout
+    for stage in STAGES:
+        assert stage in done.stdout

@@ -235,12 +235,18 @@ def test_load_demo_pair_on_gpu_defaults_to_bf16():
 def test_import_changes_no_environment_and_loads_no_training_code():
     """``import ouroboros`` sets no environment variable (the loaders pass
     ``local_files_only=True`` instead of setting HF_HUB_OFFLINE) and imports no training
-    code."""
+    code: no module of the repository's ``tools`` (distillation, prompt sets), not even
+    after importing every runtime module, and the package holds none of it."""
     import subprocess
     import sys
 
     code = ("import os, sys; before = dict(os.environ); import ouroboros; "
             "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items()); "
-            "assert 'ouroboros.distill' not in sys.modules")
+            "import importlib, pkgutil; "
+            "names = [m.name for m in pkgutil.walk_packages(ouroboros.__path__, 'ouroboros.')]; "
+            "assert not {'ouroboros.distill', 'ouroboros.prompts'} & set(names), names; "
+            "[importlib.import_module(n) for n in names]; "
+            "loaded = [m for m in sys.modules if m == 'tools' or m.startswith('tools.')]; "
+            "assert not loaded, loaded")
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

