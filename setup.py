@@ -24,9 +24,28 @@ except ImportError as error:  # most often: pip's isolated build environment has
 from setuptools import setup
 
 
+# csrc/ (see csrc/pool.h for what each file holds). Every .cpp is built into both
+# extensions (pool_ops.cpp registers the CUDA kernels only under OUROBOROS_WITH_CUDA); the
+# .cu only into the CUDA one.
+CPP_SOURCES = [
+    "csrc/pool_checks.cpp",  # argument checks shared by the CPU and CUDA entry points
+    "csrc/pool_cpu.cpp",  # the CPU kernels and their entry points
+    "csrc/pool_ops.cpp",  # op schemas, registration per device, the direct path's device choice
+    "csrc/pool_module.cpp",  # the Python module _C: direct twins of the ops, build info
+]
+CUDA_SOURCES = [
+    "csrc/pool_cuda.cu",  # the CUDA kernels and their entry points
+]
+HEADERS = ["csrc/pool.h"]  # the interface all of them share (rebuilds on change; in the sdist)
+
+
 def _extension():
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    listed = set(CPP_SOURCES + CUDA_SOURCES)
+    found = set(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
+    if listed != found:  # a source file added or removed without updating the lists above
+        sys.exit(f"[ouroboros] setup.py source lists disagree with csrc/: listed but missing "
+                 f"{sorted(listed - found)}, present but not listed {sorted(found - listed)}")
+    cpp_sources, cuda_sources = CPP_SOURCES, CUDA_SOURCES
     # No -std flag: torch's build helper picks the standard its headers need (C++20 for
     # torch >= 2.10, which warns under -std=c++17).
     cxx_flags = ["-O3"]
@@ -38,13 +57,15 @@ def _extension():
         return CUDAExtension(
             "ouroboros_kernels._C",
             cpp_sources + cuda_sources,
+            depends=HEADERS,
             define_macros=[("OUROBOROS_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     why = ("OUROBOROS_FORCE_CPU=1" if force_cpu else
            "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
     print(f"[ouroboros] building CppExtension (CPU only: {why})")
-    return CppExtension("ouroboros_kernels._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    return CppExtension("ouroboros_kernels._C", cpp_sources, depends=HEADERS,
+                        extra_compile_args={"cxx": cxx_flags})
 
 
 setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension})

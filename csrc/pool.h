@@ -1,4 +1,14 @@
-// The candidate pool: declarations and the semantics every implementation follows.
+// The candidate pool: the semantics every implementation follows, and the C++ interface
+// shared by the files of csrc/:
+//
+//   pool.h          this file: semantics, argument checks, per-device entry points
+//   pool_checks.cpp the argument checks (shapes, dtypes, devices; no data read)
+//   pool_cpu.cpp    the CPU kernels (generic and packed layouts) and their entry points
+//   pool_cuda.cu    the CUDA kernels and their entry points (built with OUROBOROS_WITH_CUDA)
+//   pool_ops.cpp    the op schemas, their registration per device, and the device choice of
+//                   the direct path (pool_insert / pool_lookup / pool_refine below)
+//   pool_module.cpp the Python module ouroboros_kernels._C: a direct (METH_FASTCALL) twin of
+//                   each registered op, and the build information
 //
 // State (plain tensors, all on one device):
 //   phrases  int32 [V, W, L]  the phrase stored in each slot; an empty slot holds -1s
@@ -31,10 +41,9 @@
 //   The min(k, #non-empty) most recent phrases of each key, newest first (stamp
 //   descending, ties: lowest slot first), their count and slot indices; rows past the
 //   count hold -1. Reads never change recency. k >= 1; k > W is allowed.
-// pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots)
-//   The same, written into caller-provided contiguous int32 tensors of exactly those shapes
-//   on the pool's device (no allocation: a caller can reuse them every step). Not a
-//   registered op; the Python wrapper uses it for lookup(..., out=...).
+//   The C++ entry points (and the direct Python twins) also write the result into
+//   caller-provided buffers: contiguous int32 tensors of exactly those shapes on the pool's
+//   device, which a caller can reuse every step (no allocation). See LookupOut.
 // pool_refine(phrases, stamps, keys int64[M], slots int32|int64[M], new_phrases int32|int64[M, L])
 //   Entries are applied in index order. The phrase in (key, slot) is overwritten and keeps
 //   its stamp; if the new phrase already sits in another non-empty slot of that key, the
@@ -57,57 +66,57 @@
 
 namespace ouroboros {
 
-// Shapes, dtypes and devices of the state and the arguments (cheap: no data is read).
-// Returns {V, W, L}.
+// ---------------------------------------------------------------- argument checks
+// (pool_checks.cpp; cheap: no data is read, so they never synchronise a device)
+
 struct PoolDims {
   int64_t V, W, L;
 };
+// Shapes, dtypes and devices of the generic state (contiguous tensors). Returns {V, W, L}.
 PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps);
 void check_clock(const at::Tensor& clock, const at::Tensor& phrases);
 // Keys as a contiguous int64 tensor (int32 keys are converted; other dtypes raise).
 at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases);
+void check_lookup_k(int64_t k);
 void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
                        const at::Tensor& phrases);
 void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases);
-void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_counts,
-                      const at::Tensor& out_slots, int64_t M, int64_t k, int64_t L,
-                      const at::Tensor& phrases);
 
-// CPU implementations (pool_cpu.cpp).
+// The three result tensors of a lookup. Passed to a lookup entry point either empty (all
+// three undefined: the entry point allocates them, int32 on the pool's device) or holding
+// the caller's buffers (checked with check_lookup_out, then overwritten entirely).
+struct LookupOut {
+  at::Tensor phrases, counts, slots;  // [M, k, L], [M], [M, k]
+};
+// Allocate `out` if it is empty, else check its tensors' dtypes, shapes and devices.
+void prepare_lookup_out(LookupOut& out, int64_t M, int64_t k, int64_t L,
+                        const at::Tensor& phrases);
+
+// ---------------------------------------------------------------- CPU (pool_cpu.cpp)
+
 void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
                      const at::Tensor& keys, const at::Tensor& new_phrases);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
-                                                               const at::Tensor& stamps,
-                                                               const at::Tensor& keys, int64_t k);
-void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
-                         const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                         at::Tensor& out_counts, at::Tensor& out_slots);
+void pool_lookup_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
+                     const at::Tensor& keys, int64_t k, LookupOut& out);
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                      const at::Tensor& slots, const at::Tensor& new_phrases);
 // The same on the packed layout (record, W = capacity, L = phrase_len).
 void pool_insert_packed_cpu(at::Tensor& record, at::Tensor& clock, int64_t capacity,
                             int64_t phrase_len, const at::Tensor& keys,
                             const at::Tensor& new_phrases);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_packed_cpu(
-    const at::Tensor& record, int64_t capacity, int64_t phrase_len, const at::Tensor& keys,
-    int64_t k);
-void pool_lookup_packed_out_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
-                                const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                                at::Tensor& out_counts, at::Tensor& out_slots);
+void pool_lookup_packed_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                            const at::Tensor& keys, int64_t k, LookupOut& out);
 void pool_refine_packed_cpu(at::Tensor& record, int64_t capacity, int64_t phrase_len,
                             const at::Tensor& keys, const at::Tensor& slots,
                             const at::Tensor& new_phrases);
 
 #ifdef OUROBOROS_WITH_CUDA
-// CUDA implementations (pool_cuda.cu).
+// ---------------------------------------------------------------- CUDA (pool_cuda.cu)
+
 void pool_insert_cuda(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
                       const at::Tensor& keys, const at::Tensor& new_phrases);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
-                                                                const at::Tensor& stamps,
-                                                                const at::Tensor& keys, int64_t k);
-void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
-                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                          at::Tensor& out_counts, at::Tensor& out_slots);
+void pool_lookup_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
+                      const at::Tensor& keys, int64_t k, LookupOut& out);
 void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
                       const at::Tensor& slots, const at::Tensor& new_phrases);
 // The CUDA runtime version the .cu was compiled against (CUDART_VERSION).
@@ -117,5 +126,17 @@ int64_t cuda_runtime_build_version();
 void set_cuda_insert_cached(bool enabled);
 bool cuda_insert_cached();
 #endif
+
+// ---------------------------------------------------------------- any device (pool_ops.cpp)
+// The generic ops on the kernel of the state's device, chosen as the dispatcher would
+// choose it (the direct path: no dispatcher overhead). A device without a kernel raises
+// ValueError.
+
+void pool_insert(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
+                 const at::Tensor& keys, const at::Tensor& new_phrases);
+void pool_lookup(const at::Tensor& phrases, const at::Tensor& stamps, const at::Tensor& keys,
+                 int64_t k, LookupOut& out);
+void pool_refine(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
+                 const at::Tensor& slots, const at::Tensor& new_phrases);
 
 }  // namespace ouroboros

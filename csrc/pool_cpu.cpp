@@ -1,22 +1,11 @@
-// The candidate pool on the CPU, the op schemas, and the Python module with build info.
+// The candidate pool on the CPU: the kernels over raw key rows (generic and packed layouts)
+// and their tensor entry points (declared in pool.h; registered in pool_ops.cpp).
 // Semantics: see pool.h. Everything here is sequential by design: the pool's result is
 // defined as the sequential one, and a step's batch is small (hundreds of entries).
 #include "pool.h"
 
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
-#include <torch/library.h>
-
-#if __has_include(<torch/headeronly/version.h>)
-#include <torch/headeronly/version.h>
-#elif __has_include(<torch/version.h>)
-#include <torch/version.h>
-#endif
-
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -24,92 +13,6 @@
 #endif
 
 namespace ouroboros {
-
-// ---------------------------------------------------------------- argument checks
-
-PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps) {
-  TORCH_CHECK_TYPE(phrases.scalar_type() == at::kInt,
-                   "pool phrases: expected int32, got ", phrases.scalar_type());
-  TORCH_CHECK_TYPE(stamps.scalar_type() == at::kLong,
-                   "pool stamps: expected int64, got ", stamps.scalar_type());
-  TORCH_CHECK_VALUE(phrases.dim() == 3, "pool phrases: expected shape [V, W, L], got ",
-                    phrases.sizes());
-  TORCH_CHECK_VALUE(stamps.dim() == 2 && stamps.size(0) == phrases.size(0) &&
-                        stamps.size(1) == phrases.size(1),
-                    "pool stamps: expected shape [V, W] = [", phrases.size(0), ", ",
-                    phrases.size(1), "], got ", stamps.sizes());
-  TORCH_CHECK_VALUE(phrases.size(1) >= 1 && phrases.size(2) >= 1,
-                    "pool phrases: W and L must be >= 1, got ", phrases.sizes());
-  TORCH_CHECK_VALUE(phrases.is_contiguous() && stamps.is_contiguous(),
-                    "pool phrases and stamps must be contiguous");
-  TORCH_CHECK_VALUE(stamps.device() == phrases.device(), "pool stamps: on ", stamps.device(),
-                    " but phrases on ", phrases.device());
-  return {phrases.size(0), phrases.size(1), phrases.size(2)};
-}
-
-void check_clock(const at::Tensor& clock, const at::Tensor& phrases) {
-  TORCH_CHECK_TYPE(clock.scalar_type() == at::kLong, "pool clock: expected int64, got ",
-                   clock.scalar_type());
-  TORCH_CHECK_VALUE(clock.dim() == 1 && clock.size(0) == 1,
-                    "pool clock: expected shape [1], got ", clock.sizes());
-  TORCH_CHECK_VALUE(clock.device() == phrases.device(), "pool clock: on ", clock.device(),
-                    " but phrases on ", phrases.device());
-}
-
-at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases) {
-  TORCH_CHECK_TYPE(keys.scalar_type() == at::kLong || keys.scalar_type() == at::kInt,
-                   "keys: expected int64 or int32, got ", keys.scalar_type());
-  TORCH_CHECK_VALUE(keys.dim() == 1, "keys: expected shape [M], got ", keys.sizes());
-  TORCH_CHECK_VALUE(keys.device() == phrases.device(), "keys: on ", keys.device(),
-                    " but the pool is on ", phrases.device());
-  if (keys.scalar_type() == at::kInt) return keys.to(at::kLong);  // contiguous copy
-  return keys.contiguous();
-}
-
-void check_new_phrases(const at::Tensor& new_phrases, int64_t M, int64_t L,
-                       const at::Tensor& phrases) {
-  TORCH_CHECK_TYPE(
-      new_phrases.scalar_type() == at::kInt || new_phrases.scalar_type() == at::kLong,
-      "phrases: expected int32 or int64, got ", new_phrases.scalar_type());
-  TORCH_CHECK_VALUE(new_phrases.dim() == 2 && new_phrases.size(0) == M &&
-                        new_phrases.size(1) == L,
-                    "phrases: expected shape [M, L] = [", M, ", ", L, "], got ",
-                    new_phrases.sizes());
-  TORCH_CHECK_VALUE(new_phrases.device() == phrases.device(), "phrases: on ",
-                    new_phrases.device(), " but the pool is on ", phrases.device());
-}
-
-void check_slots(const at::Tensor& slots, int64_t M, const at::Tensor& phrases) {
-  TORCH_CHECK_TYPE(slots.scalar_type() == at::kInt || slots.scalar_type() == at::kLong,
-                   "slots: expected int32 or int64, got ", slots.scalar_type());
-  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.size(0) == M, "slots: expected shape [M] = [",
-                    M, "], got ", slots.sizes());
-  TORCH_CHECK_VALUE(slots.device() == phrases.device(), "slots: on ", slots.device(),
-                    " but the pool is on ", phrases.device());
-}
-
-namespace {
-void check_out_tensor(const at::Tensor& out, const char* name, at::IntArrayRef shape,
-                      const at::Tensor& phrases) {
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kInt, "out.", name, ": expected int32, got ",
-                   out.scalar_type());
-  TORCH_CHECK_VALUE(out.sizes() == shape, "out.", name, ": expected shape ", shape, ", got ",
-                    out.sizes());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out.", name, ": must be contiguous");
-  TORCH_CHECK_VALUE(out.device() == phrases.device(), "out.", name, ": on ", out.device(),
-                    " but the pool is on ", phrases.device());
-}
-}  // namespace
-
-void check_lookup_out(const at::Tensor& out_phrases, const at::Tensor& out_counts,
-                      const at::Tensor& out_slots, int64_t M, int64_t k, int64_t L,
-                      const at::Tensor& phrases) {
-  const int64_t phrases_shape[3] = {M, k, L};
-  const int64_t slots_shape[2] = {M, k};
-  check_out_tensor(out_phrases, "phrases", phrases_shape, phrases);
-  check_out_tensor(out_counts, "counts", at::IntArrayRef(&M, 1), phrases);
-  check_out_tensor(out_slots, "slots", slots_shape, phrases);
-}
 
 // ---------------------------------------------------------------- CPU kernels
 
@@ -498,19 +401,6 @@ void lookup_fill(const CpuState& st, const int64_t* key_ptr, int64_t M, int64_t 
   }
 }
 
-// Checks shared by both lookup entry points; returns the keys as contiguous int64.
-at::Tensor checked_lookup_keys(const CpuState& st, const at::Tensor& phrases,
-                               const at::Tensor& keys, int64_t k) {
-  at::Tensor keys_c = checked_keys(keys, phrases);
-  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  const int64_t M = keys_c.size(0);
-  const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
-  if (scan_values(key_ptr, M, st.V - 1).out_of_range) {
-    for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], st.V, m);
-  }
-  return keys_c;
-}
-
 // The generic ops write through raw pointers; like ATen's in-place ops they then bump the
 // version counters of what they wrote, so that a CandidatePool whose packed buffer these
 // tensors view notices the write (and rebuilds its first-token index).
@@ -559,19 +449,17 @@ void refine_checked(const CpuState& st, const at::Tensor& keys, const at::Tensor
 }
 
 void lookup_checked(const CpuState& st, const at::Tensor& keys, int64_t k, const at::Tensor& like,
-                    at::Tensor* out_phrases, at::Tensor* out_counts, at::Tensor* out_slots) {
-  const at::Tensor keys_c = checked_lookup_keys(st, like, keys, k);
+                    LookupOut& out) {
+  const at::Tensor keys_c = checked_keys(keys, like);
+  check_lookup_k(k);
   const int64_t M = keys_c.size(0);
-  if (!out_phrases->defined()) {
-    auto opts = like.options().dtype(at::kInt);
-    *out_phrases = at::empty({M, k, st.L}, opts);
-    *out_counts = at::empty({M}, opts);
-    *out_slots = at::empty({M, k}, opts);
-  } else {
-    check_lookup_out(*out_phrases, *out_counts, *out_slots, M, k, st.L, like);
+  const int64_t* key_ptr = keys_c.data_ptr<int64_t>();
+  if (scan_values(key_ptr, M, st.V - 1).out_of_range) {
+    for (int64_t m = 0; m < M; ++m) check_key_value(key_ptr[m], st.V, m);
   }
-  lookup_fill(st, keys_c.data_ptr<int64_t>(), M, k, out_phrases->data_ptr<int32_t>(),
-              out_counts->data_ptr<int32_t>(), out_slots->data_ptr<int32_t>());
+  prepare_lookup_out(out, M, k, st.L, like);
+  lookup_fill(st, key_ptr, M, k, out.phrases.data_ptr<int32_t>(),
+              out.counts.data_ptr<int32_t>(), out.slots.data_ptr<int32_t>());
 }
 
 }  // namespace
@@ -582,21 +470,9 @@ void pool_insert_cpu(at::Tensor& phrases, at::Tensor& stamps, at::Tensor& clock,
   bump_versions(phrases, stamps);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cpu(const at::Tensor& phrases,
-                                                               const at::Tensor& stamps,
-                                                               const at::Tensor& keys,
-                                                               int64_t k) {
-  at::Tensor out_phrases, out_counts, out_slots;
-  lookup_checked(cpu_state(phrases, stamps), keys, k, phrases, &out_phrases, &out_counts,
-                 &out_slots);
-  return {out_phrases, out_counts, out_slots};
-}
-
-void pool_lookup_out_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
-                         const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                         at::Tensor& out_counts, at::Tensor& out_slots) {
-  lookup_checked(cpu_state(phrases, stamps), keys, k, phrases, &out_phrases, &out_counts,
-                 &out_slots);
+void pool_lookup_cpu(const at::Tensor& phrases, const at::Tensor& stamps,
+                     const at::Tensor& keys, int64_t k, LookupOut& out) {
+  lookup_checked(cpu_state(phrases, stamps), keys, k, phrases, out);
 }
 
 void pool_refine_cpu(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor& keys,
@@ -611,20 +487,9 @@ void pool_insert_packed_cpu(at::Tensor& record, at::Tensor& clock, int64_t capac
   insert_checked(packed_state(record, capacity, phrase_len), clock, keys, new_phrases, record);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_packed_cpu(
-    const at::Tensor& record, int64_t capacity, int64_t phrase_len, const at::Tensor& keys,
-    int64_t k) {
-  at::Tensor out_phrases, out_counts, out_slots;
-  lookup_checked(packed_state(record, capacity, phrase_len), keys, k, record, &out_phrases,
-                 &out_counts, &out_slots);
-  return {out_phrases, out_counts, out_slots};
-}
-
-void pool_lookup_packed_out_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
-                                const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                                at::Tensor& out_counts, at::Tensor& out_slots) {
-  lookup_checked(packed_state(record, capacity, phrase_len), keys, k, record, &out_phrases,
-                 &out_counts, &out_slots);
+void pool_lookup_packed_cpu(const at::Tensor& record, int64_t capacity, int64_t phrase_len,
+                            const at::Tensor& keys, int64_t k, LookupOut& out) {
+  lookup_checked(packed_state(record, capacity, phrase_len), keys, k, record, out);
 }
 
 void pool_refine_packed_cpu(at::Tensor& record, int64_t capacity, int64_t phrase_len,
@@ -634,284 +499,3 @@ void pool_refine_packed_cpu(at::Tensor& record, int64_t capacity, int64_t phrase
 }
 
 }  // namespace ouroboros
-
-// ---------------------------------------------------------------- registration
-
-TORCH_LIBRARY(ouroboros_kernels, m) {
-  m.def(
-      "pool_insert(Tensor(a!) phrases, Tensor(b!) stamps, Tensor(c!) clock, Tensor keys, "
-      "Tensor new_phrases) -> ()");
-  m.def(
-      "pool_lookup(Tensor phrases, Tensor stamps, Tensor keys, int k) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pool_refine(Tensor(a!) phrases, Tensor(b!) stamps, Tensor keys, Tensor slots, "
-      "Tensor new_phrases) -> ()");
-  // The packed CPU layout (pool.h); CandidatePool's CPU path.
-  m.def(
-      "pool_insert_packed(Tensor(a!) record, Tensor(b!) clock, int capacity, int phrase_len, "
-      "Tensor keys, Tensor new_phrases) -> ()");
-  m.def(
-      "pool_lookup_packed(Tensor record, int capacity, int phrase_len, Tensor keys, int k) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "pool_refine_packed(Tensor(a!) record, int capacity, int phrase_len, Tensor keys, "
-      "Tensor slots, Tensor new_phrases) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(ouroboros_kernels, CPU, m) {
-  m.impl("pool_insert", &ouroboros::pool_insert_cpu);
-  m.impl("pool_lookup", &ouroboros::pool_lookup_cpu);
-  m.impl("pool_refine", &ouroboros::pool_refine_cpu);
-  m.impl("pool_insert_packed", &ouroboros::pool_insert_packed_cpu);
-  m.impl("pool_lookup_packed", &ouroboros::pool_lookup_packed_cpu);
-  m.impl("pool_refine_packed", &ouroboros::pool_refine_packed_cpu);
-}
-
-namespace {
-
-// Direct entry points for the Python wrapper's hot path: the same implementations as the
-// registered ops, minus the dispatcher's per-call overhead (a few µs, which is most of a
-// CPU step). The device decides, exactly as dispatch would.
-[[noreturn]] void unsupported_device(const at::Tensor& phrases) {
-  TORCH_CHECK_VALUE(false, "pool: no kernel for device ", phrases.device(),
-                    phrases.is_cuda() ? " (the extension was built without CUDA)" : "");
-  std::abort();  // unreachable
-}
-
-void insert_direct(at::Tensor phrases, at::Tensor stamps, at::Tensor clock,
-                   const at::Tensor& keys, const at::Tensor& new_phrases) {
-  if (phrases.is_cpu()) return ouroboros::pool_insert_cpu(phrases, stamps, clock, keys, new_phrases);
-#ifdef OUROBOROS_WITH_CUDA
-  if (phrases.is_cuda()) {
-    return ouroboros::pool_insert_cuda(phrases, stamps, clock, keys, new_phrases);
-  }
-#endif
-  unsupported_device(phrases);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lookup_direct(const at::Tensor& phrases,
-                                                             const at::Tensor& stamps,
-                                                             const at::Tensor& keys, int64_t k) {
-  if (phrases.is_cpu()) return ouroboros::pool_lookup_cpu(phrases, stamps, keys, k);
-#ifdef OUROBOROS_WITH_CUDA
-  if (phrases.is_cuda()) return ouroboros::pool_lookup_cuda(phrases, stamps, keys, k);
-#endif
-  unsupported_device(phrases);
-}
-
-void lookup_out_direct(const at::Tensor& phrases, const at::Tensor& stamps,
-                       const at::Tensor& keys, int64_t k, at::Tensor out_phrases,
-                       at::Tensor out_counts, at::Tensor out_slots) {
-  if (phrases.is_cpu()) {
-    return ouroboros::pool_lookup_out_cpu(phrases, stamps, keys, k, out_phrases, out_counts,
-                                          out_slots);
-  }
-#ifdef OUROBOROS_WITH_CUDA
-  if (phrases.is_cuda()) {
-    return ouroboros::pool_lookup_out_cuda(phrases, stamps, keys, k, out_phrases, out_counts,
-                                           out_slots);
-  }
-#endif
-  unsupported_device(phrases);
-}
-
-void refine_direct(at::Tensor phrases, at::Tensor stamps, const at::Tensor& keys,
-                   const at::Tensor& slots, const at::Tensor& new_phrases) {
-  if (phrases.is_cpu()) return ouroboros::pool_refine_cpu(phrases, stamps, keys, slots, new_phrases);
-#ifdef OUROBOROS_WITH_CUDA
-  if (phrases.is_cuda()) {
-    return ouroboros::pool_refine_cuda(phrases, stamps, keys, slots, new_phrases);
-  }
-#endif
-  unsupported_device(phrases);
-}
-
-// ---------------------------------------------------------------- vectorcall bindings
-//
-// The hot entry points are plain CPython METH_FASTCALL functions rather than pybind11
-// ones. A pool op is a few hundred ns of work, and in a decoding step it runs with cold
-// caches (the model ran in between): measured over the benchmark's step, pybind11's
-// generic argument machinery cost about 0.4 µs per call there, unpacking the tensors
-// directly well under 0.05 µs. Errors from the checks come out as the same ValueError /
-// TypeError as from the registered ops.
-
-bool translate_exception() {
-  try {
-    throw;
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-  } catch (const c10::TypeError& e) {
-    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
-  } catch (const c10::IndexError& e) {
-    PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
-  }
-  return false;
-}
-
-void check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* fn) {
-  TORCH_CHECK_TYPE(nargs == expected, fn, ": expected ", expected,
-                   " positional arguments, got ", nargs);
-}
-
-const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), name, ": expected a torch.Tensor, got ",
-                   Py_TYPE(obj)->tp_name);
-  return THPVariable_Unpack(obj);
-}
-
-int64_t int_arg(PyObject* obj, const char* name) {
-  TORCH_CHECK_TYPE(PyLong_Check(obj) && !PyBool_Check(obj), name, ": expected an int, got ",
-                   Py_TYPE(obj)->tp_name);
-  const long long value = PyLong_AsLongLong(obj);
-  if (value == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    TORCH_CHECK_VALUE(false, name, ": out of the int64 range");
-  }
-  return value;
-}
-
-// Each binding: check the count, unpack, call; any C++ exception becomes a Python one.
-template <typename Body>
-PyObject* guarded(Body&& body) {
-  try {
-    body();
-  } catch (...) {
-    translate_exception();
-    return nullptr;
-  }
-  Py_RETURN_NONE;
-}
-
-// pool_insert(phrases, stamps, clock, keys, new_phrases)
-PyObject* fast_insert(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 5, "pool_insert");
-    insert_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
-                  tensor_arg(args[2], "clock"), tensor_arg(args[3], "keys"),
-                  tensor_arg(args[4], "new_phrases"));
-  });
-}
-
-// pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots)
-PyObject* fast_lookup_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 7, "pool_lookup_out");
-    lookup_out_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
-                      tensor_arg(args[2], "keys"), int_arg(args[3], "k"),
-                      tensor_arg(args[4], "out.phrases"), tensor_arg(args[5], "out.counts"),
-                      tensor_arg(args[6], "out.slots"));
-  });
-}
-
-// pool_refine(phrases, stamps, keys, slots, new_phrases)
-PyObject* fast_refine(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 5, "pool_refine");
-    refine_direct(tensor_arg(args[0], "phrases"), tensor_arg(args[1], "stamps"),
-                  tensor_arg(args[2], "keys"), tensor_arg(args[3], "slots"),
-                  tensor_arg(args[4], "new_phrases"));
-  });
-}
-
-// The packed ops take the buffer and its dimensions first, so that a caller can bind them
-// once (functools.partial) and pass only the step's arguments.
-
-// pool_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases)
-PyObject* fast_insert_packed(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 6, "pool_insert_packed");
-    at::Tensor record = tensor_arg(args[0], "record");
-    at::Tensor clock = tensor_arg(args[1], "clock");
-    ouroboros::pool_insert_packed_cpu(record, clock, int_arg(args[2], "capacity"),
-                                      int_arg(args[3], "phrase_len"), tensor_arg(args[4], "keys"),
-                                      tensor_arg(args[5], "new_phrases"));
-  });
-}
-
-// pool_lookup_packed_out(record, capacity, phrase_len, keys, k, out_phrases, out_counts,
-//                        out_slots)
-PyObject* fast_lookup_packed_out(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 8, "pool_lookup_packed_out");
-    at::Tensor out_phrases = tensor_arg(args[5], "out.phrases");
-    at::Tensor out_counts = tensor_arg(args[6], "out.counts");
-    at::Tensor out_slots = tensor_arg(args[7], "out.slots");
-    ouroboros::pool_lookup_packed_out_cpu(
-        tensor_arg(args[0], "record"), int_arg(args[1], "capacity"),
-        int_arg(args[2], "phrase_len"), tensor_arg(args[3], "keys"), int_arg(args[4], "k"),
-        out_phrases, out_counts, out_slots);
-  });
-}
-
-// pool_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases)
-PyObject* fast_refine_packed(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  return guarded([&] {
-    check_nargs(nargs, 6, "pool_refine_packed");
-    at::Tensor record = tensor_arg(args[0], "record");
-    ouroboros::pool_refine_packed_cpu(record, int_arg(args[1], "capacity"),
-                                      int_arg(args[2], "phrase_len"), tensor_arg(args[3], "keys"),
-                                      tensor_arg(args[4], "slots"),
-                                      tensor_arg(args[5], "new_phrases"));
-  });
-}
-
-template <typename F>
-PyCFunction as_pycfunction(F* fn) {
-  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn));
-}
-
-PyMethodDef fast_methods[] = {
-    {"pool_insert", as_pycfunction(fast_insert), METH_FASTCALL,
-     "pool_insert(phrases, stamps, clock, keys, new_phrases): same as "
-     "torch.ops.ouroboros_kernels.pool_insert (positional arguments)"},
-    {"pool_lookup_out", as_pycfunction(fast_lookup_out), METH_FASTCALL,
-     "pool_lookup_out(phrases, stamps, keys, k, out_phrases, out_counts, out_slots): "
-     "pool_lookup written into caller-provided contiguous int32 tensors (phrases [M, k, L], "
-     "counts [M], slots [M, k]); returns None"},
-    {"pool_refine", as_pycfunction(fast_refine), METH_FASTCALL,
-     "pool_refine(phrases, stamps, keys, slots, new_phrases): same as "
-     "torch.ops.ouroboros_kernels.pool_refine (positional arguments)"},
-    {"pool_insert_packed", as_pycfunction(fast_insert_packed), METH_FASTCALL,
-     "pool_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases): same as "
-     "torch.ops.ouroboros_kernels.pool_insert_packed (positional arguments)"},
-    {"pool_lookup_packed_out", as_pycfunction(fast_lookup_packed_out), METH_FASTCALL,
-     "pool_lookup_packed_out(record, capacity, phrase_len, keys, k, out_phrases, out_counts, "
-     "out_slots): pool_lookup_packed written into caller-provided buffers; returns None"},
-    {"pool_refine_packed", as_pycfunction(fast_refine_packed), METH_FASTCALL,
-     "pool_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases): same as "
-     "torch.ops.ouroboros_kernels.pool_refine_packed (positional arguments)"},
-    {nullptr, nullptr, 0, nullptr}};
-
-std::string torch_build_version() {
-#if defined(TORCH_VERSION_MAJOR)
-  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
-         std::to_string(TORCH_VERSION_PATCH);
-#else
-  return "unknown";
-#endif
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Ouroboros candidate-pool ops (registered as torch.ops.ouroboros_kernels.*)";
-#ifdef OUROBOROS_WITH_CUDA
-  m.def("set_cuda_insert_cached", &ouroboros::set_cuda_insert_cached,
-        "Experimental CUDA insert path: the leader warp keeps the key's row in registers");
-  m.def("cuda_insert_cached", &ouroboros::cuda_insert_cached);
-  m.attr("built_with_cuda") = true;
-  const int64_t v = ouroboros::cuda_runtime_build_version();
-  m.attr("cuda_version") = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-#else
-  m.attr("built_with_cuda") = false;
-  m.attr("cuda_version") = pybind11::none();
-#endif
-  m.attr("torch_version") = torch_build_version();
-  m.def("pool_lookup", &lookup_direct, "Same as torch.ops.ouroboros_kernels.pool_lookup");
-  if (PyModule_AddFunctions(m.ptr(), fast_methods) != 0) throw pybind11::error_already_set();
-}

@@ -1,4 +1,5 @@
-// The candidate pool on CUDA. Semantics: see pool.h; results are identical to the CPU ops.
+// The candidate pool on CUDA: the kernels and their tensor entry points (declared in pool.h;
+// registered in pool_ops.cpp). Semantics: see pool.h; results are identical to the CPU ops.
 //
 // Design. One warp owns one key at a time, and lane (w % 32) owns slot w of that key: only
 // the owning lane ever reads or writes a slot's stamp and phrase inside a kernel, so the
@@ -24,7 +25,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <climits>
 #include <cstdint>
@@ -380,55 +380,30 @@ void pool_refine_cuda(at::Tensor& phrases, at::Tensor& stamps, const at::Tensor&
 namespace {
 
 void launch_lookup(const at::Tensor& phrases, const at::Tensor& stamps, const at::Tensor& keys_c,
-                   int64_t k, const PoolDims& d, at::Tensor& out_phrases,
-                   at::Tensor& out_counts, at::Tensor& out_slots) {
+                   int64_t k, const PoolDims& d, const LookupOut& out) {
   const int64_t M = keys_c.size(0);
   if (M == 0) return;
   const int64_t blocks = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   lookup_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), keys_c.data_ptr<int64_t>(), M, k,
-      d.V, d.W, d.L, out_phrases.data_ptr<int32_t>(), out_counts.data_ptr<int32_t>(),
-      out_slots.data_ptr<int32_t>());
+      d.V, d.W, d.L, out.phrases.data_ptr<int32_t>(), out.counts.data_ptr<int32_t>(),
+      out.slots.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_lookup_cuda(const at::Tensor& phrases,
-                                                                const at::Tensor& stamps,
-                                                                const at::Tensor& keys,
-                                                                int64_t k) {
+void pool_lookup_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
+                      const at::Tensor& keys, int64_t k, LookupOut& out) {
   const c10::cuda::CUDAGuard guard(phrases.device());
   const PoolDims d = check_state(phrases, stamps);
   const at::Tensor keys_c = checked_keys(keys, phrases);
-  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  const int64_t M = keys_c.size(0);
-  auto opts = phrases.options();  // int32 on the pool's device
-  at::Tensor out_phrases = at::empty({M, k, d.L}, opts);
-  at::Tensor out_counts = at::empty({M}, opts);
-  at::Tensor out_slots = at::empty({M, k}, opts);
-  launch_lookup(phrases, stamps, keys_c, k, d, out_phrases, out_counts, out_slots);
-  return {out_phrases, out_counts, out_slots};
-}
-
-void pool_lookup_out_cuda(const at::Tensor& phrases, const at::Tensor& stamps,
-                          const at::Tensor& keys, int64_t k, at::Tensor& out_phrases,
-                          at::Tensor& out_counts, at::Tensor& out_slots) {
-  const c10::cuda::CUDAGuard guard(phrases.device());
-  const PoolDims d = check_state(phrases, stamps);
-  const at::Tensor keys_c = checked_keys(keys, phrases);
-  TORCH_CHECK_VALUE(k >= 1, "k: expected k >= 1, got ", k);
-  check_lookup_out(out_phrases, out_counts, out_slots, keys_c.size(0), k, d.L, phrases);
-  launch_lookup(phrases, stamps, keys_c, k, d, out_phrases, out_counts, out_slots);
+  check_lookup_k(k);
+  prepare_lookup_out(out, keys_c.size(0), k, d.L, phrases);
+  launch_lookup(phrases, stamps, keys_c, k, d, out);
 }
 
 }  // namespace ouroboros
-
-TORCH_LIBRARY_IMPL(ouroboros_kernels, CUDA, m) {
-  m.impl("pool_insert", &ouroboros::pool_insert_cuda);
-  m.impl("pool_lookup", &ouroboros::pool_lookup_cuda);
-  m.impl("pool_refine", &ouroboros::pool_refine_cuda);
-}
 
 #endif  // OUROBOROS_WITH_CUDA

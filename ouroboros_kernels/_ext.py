@@ -19,9 +19,6 @@ _BUILD_HINT = (
     "extension must be rebuilt after torch is upgraded)."
 )
 
-_OP_NAMES = ("pool_insert", "pool_lookup", "pool_refine", "pool_insert_packed",
-             "pool_lookup_packed", "pool_refine_packed")
-
 _module: ModuleType | None = None
 _error: BaseException | None = None
 
@@ -46,35 +43,52 @@ def load_extension() -> ModuleType:
     raise ImportError(_BUILD_HINT.format(err=_error)) from _error
 
 
+# Shape-only ("fake") kernels of the registered ops, so that torch.compile / export can
+# trace them: the mutating ops return nothing, the lookups new tensors of the result shapes.
+
+
+def _fake_insert(phrases, stamps, clock, keys, new_phrases):
+    return None
+
+
+def _fake_lookup(phrases, stamps, keys, k):
+    M, L = keys.shape[0], phrases.shape[2]
+    return phrases.new_empty((M, k, L)), phrases.new_empty((M,)), phrases.new_empty((M, k))
+
+
+def _fake_refine(phrases, stamps, keys, slots, new_phrases):
+    return None
+
+
+def _fake_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases):
+    return None
+
+
+def _fake_lookup_packed(record, capacity, phrase_len, keys, k):
+    M = keys.shape[0]
+    return (record.new_empty((M, k, phrase_len)), record.new_empty((M,)),
+            record.new_empty((M, k)))
+
+
+def _fake_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases):
+    return None
+
+
+# Every op of csrc/pool_ops.cpp with its fake kernel. The extension also has a direct twin
+# of each (``_C.<name>``, same positional arguments; see csrc/pool_module.cpp).
+_FAKE_KERNELS = {
+    "pool_insert": _fake_insert,
+    "pool_lookup": _fake_lookup,
+    "pool_refine": _fake_refine,
+    "pool_insert_packed": _fake_insert_packed,
+    "pool_lookup_packed": _fake_lookup_packed,
+    "pool_refine_packed": _fake_refine_packed,
+}
+_OP_NAMES = tuple(_FAKE_KERNELS)
+
+
 def _register_fake_kernels() -> None:
-    """Shape-only kernels so that torch.compile / export can trace the pool ops."""
-
-    def fake_insert(phrases, stamps, clock, keys, new_phrases):
-        return None
-
-    def fake_lookup(phrases, stamps, keys, k):
-        M, L = keys.shape[0], phrases.shape[2]
-        return (phrases.new_empty((M, k, L)), phrases.new_empty((M,)),
-                phrases.new_empty((M, k)))
-
-    def fake_refine(phrases, stamps, keys, slots, new_phrases):
-        return None
-
-    def fake_insert_packed(record, clock, capacity, phrase_len, keys, new_phrases):
-        return None
-
-    def fake_lookup_packed(record, capacity, phrase_len, keys, k):
-        M = keys.shape[0]
-        return (record.new_empty((M, k, phrase_len)), record.new_empty((M,)),
-                record.new_empty((M, k)))
-
-    def fake_refine_packed(record, capacity, phrase_len, keys, slots, new_phrases):
-        return None
-
-    for name, fn in (("pool_insert", fake_insert), ("pool_lookup", fake_lookup),
-                     ("pool_refine", fake_refine), ("pool_insert_packed", fake_insert_packed),
-                     ("pool_lookup_packed", fake_lookup_packed),
-                     ("pool_refine_packed", fake_refine_packed)):
+    for name, fn in _FAKE_KERNELS.items():
         torch.library.register_fake(f"ouroboros_kernels::{name}", fn)
 
 

@@ -78,41 +78,18 @@ class PoolLookup(NamedTuple):
     slots: torch.Tensor
 
 
-class _PoolOps(NamedTuple):
-    # Direct bindings of the C++/CUDA functions (the hot path: no dispatcher overhead) ...
-    insert: Any
-    lookup: Any
-    lookup_out: Any
-    refine: Any
-    insert_packed: Any
-    lookup_packed_out: Any
-    refine_packed: Any
-    # ... and the registered torch ops (used while torch.compile traces).
-    insert_op: Any
-    lookup_op: Any
-    refine_op: Any
-    insert_packed_op: Any
-    lookup_packed_op: Any
-    refine_packed_op: Any
-
-
-_ops: _PoolOps | None = None
 _make_lookup = tuple.__new__  # PoolLookup from the op's 3-tuple without re-packing
 _is_compiling = torch.compiler.is_compiling
 
 
-def _pool_ops() -> _PoolOps:
-    global _ops
-    if _ops is None:
-        module = load_extension()
-        ns = torch.ops.ouroboros_kernels
-        _ops = _PoolOps(module.pool_insert, module.pool_lookup, module.pool_lookup_out,
-                        module.pool_refine, module.pool_insert_packed,
-                        module.pool_lookup_packed_out, module.pool_refine_packed,
-                        ns.pool_insert.default, ns.pool_lookup.default, ns.pool_refine.default,
-                        ns.pool_insert_packed.default, ns.pool_lookup_packed.default,
-                        ns.pool_refine_packed.default)
-    return _ops
+def _bind(name: str, *state: Any) -> tuple[Any, Any]:
+    """The pool op ``name`` with its leading state arguments bound, twice: the extension's
+    direct twin ``_C.<name>`` (the eager path, no dispatcher overhead; same positional
+    arguments, and the lookups also take three result buffers) and the registered
+    ``torch.ops.ouroboros_kernels.<name>`` (used while torch.compile traces)."""
+    direct = getattr(load_extension(), name)
+    op = getattr(torch.ops.ouroboros_kernels, name).default
+    return functools.partial(direct, *state), functools.partial(op, *state)
 
 
 def cuda_insert_cached(enabled: bool | None = None) -> bool:
@@ -243,7 +220,7 @@ class CandidatePool:
         _require_int("vocab_size", vocab_size, 1)
         _require_int("capacity", capacity, 1)
         _require_int("phrase_len", phrase_len, 1)
-        self._ops = _pool_ops()
+        load_extension()
         device = torch.device("cpu") if device is None else torch.device(device)
         self._allocate(vocab_size, capacity, phrase_len, device)
 
@@ -261,8 +238,6 @@ class CandidatePool:
         documented state tensors are strided views of that buffer. On CUDA the state is
         three contiguous tensors (the kernels there read them coalesced).
         """
-        ops = self._ops
-        partial = functools.partial
         self._clock = torch.zeros(1, dtype=torch.int64, device=device)
         if device.type == "cpu":
             row = -(-(3 * W + W * L) // 16) * 16  # int32 per key
@@ -274,26 +249,20 @@ class CandidatePool:
             self._first_tokens: torch.Tensor | None = record[:, 2 * W:3 * W]
             self._phrases = record[:, 3 * W:3 * W + W * L].unflatten(1, (W, L))
             self._index_version = record._version
-            # The ops on the packed buffer, bound to it: (keys, phrases) / (keys, k, *out) /
-            # (keys, slots, phrases). Eager: the direct bindings; compiling: the torch ops
-            # (they mutate the one buffer, not dtype views of it, which AOTAutograd needs).
-            self._insert = partial(ops.insert_packed, record, self._clock, W, L)
-            self._lookup_out = partial(ops.lookup_packed_out, record, W, L)
-            self._refine = partial(ops.refine_packed, record, W, L)
-            self._insert_op = partial(ops.insert_packed_op, record, self._clock, W, L)
-            self._lookup_op = partial(ops.lookup_packed_op, record, W, L)
-            self._refine_op = partial(ops.refine_packed_op, record, W, L)
+            # The packed ops, bound to the one buffer (compiling, the torch ops mutate that
+            # buffer, not dtype views of it, which AOTAutograd needs).
+            suffix, insert_state, state = "_packed", (record, self._clock, W, L), (record, W, L)
         else:
             self._record = self._first_tokens = None
             self._phrases = _state_tensor((V, W, L), torch.int32, device).fill_(-1)
             self._stamps = _state_tensor((V, W), torch.int64, device).zero_()
             state = (self._phrases, self._stamps)
-            self._insert = partial(ops.insert, *state, self._clock)
-            self._lookup_out = partial(ops.lookup_out, *state)
-            self._refine = partial(ops.refine, *state)
-            self._insert_op = partial(ops.insert_op, *state, self._clock)
-            self._lookup_op = partial(ops.lookup_op, *state)
-            self._refine_op = partial(ops.refine_op, *state)
+            suffix, insert_state = "", (*state, self._clock)
+        # Called with the step's arguments only: (keys, phrases) / (keys, k[, *out]) /
+        # (keys, slots, phrases).
+        self._insert, self._insert_op = _bind("pool_insert" + suffix, *insert_state)
+        self._lookup, self._lookup_op = _bind("pool_lookup" + suffix, *state)
+        self._refine, self._refine_op = _bind("pool_refine" + suffix, *state)
         self._device = self._phrases.device  # normalised, e.g. cuda -> cuda:0
 
     def _sync_index(self) -> None:
@@ -399,7 +368,7 @@ class CandidatePool:
                 and not _is_compiling():
             # The engine's per-step path, kept short: the op checks everything itself.
             try:
-                self._lookup_out(keys, k, *out)
+                self._lookup(keys, k, *out)
             except (TypeError, ValueError):
                 self._diagnose(keys, k=k)
                 raise
@@ -411,18 +380,15 @@ class CandidatePool:
         compiling = _is_compiling()
         try:
             if out is None:
-                if compiling:
-                    return _make_lookup(PoolLookup, self._lookup_op(keys, k))
-                # (the generic op reads the CPU pool's strided views as well)
-                return _make_lookup(PoolLookup, self._ops.lookup(self._phrases, self._stamps,
-                                                                 keys, k))
+                lookup = self._lookup_op if compiling else self._lookup
+                return _make_lookup(PoolLookup, lookup(keys, k))
             if out.__class__ is not PoolLookup:
                 out = _lookup_buffers(out)
             if compiling:
                 for buffer, value in zip(out, self._lookup_op(keys, k), strict=True):
                     buffer.copy_(value)
             else:
-                self._lookup_out(keys, k, *out)
+                self._lookup(keys, k, *out)
             return out
         except (TypeError, ValueError):
             self._diagnose(keys, k=k)

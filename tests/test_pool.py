@@ -694,8 +694,10 @@ def test_bad_state_passed_to_the_ops_directly():
 
 
 def test_direct_bindings_raise_clear_errors():
-    """The vectorcall entry points behind CandidatePool's hot path check their arguments
-    and raise Python errors naming them (never crash on a wrong type)."""
+    """The direct twins of the ops (vectorcall entry points behind CandidatePool's hot path)
+    check their arguments and raise Python errors naming them (never crash on a wrong
+    type); a lookup twin with three buffers writes into them, without them it returns the
+    op's result."""
     from ouroboros_kernels._ext import load_extension
 
     module = load_extension()
@@ -711,21 +713,33 @@ def test_direct_bindings_raise_clear_errors():
     with pytest.raises(TypeError, match="keys: expected a torch.Tensor, got str"):
         module.pool_insert(phrases, stamps, clock, "x", rows)
     with pytest.raises(TypeError, match="k: expected an int, got bool"):
-        module.pool_lookup_out(phrases, stamps, keys, True, *out)
+        module.pool_lookup(phrases, stamps, keys, True, *out)
     with pytest.raises(ValueError, match="k: out of the int64 range"):
-        module.pool_lookup_out(phrases, stamps, keys, 2**70, *out)
+        module.pool_lookup(phrases, stamps, keys, 2**70, *out)
     with pytest.raises(ValueError, match="keys: entry 0 is 5"):
         module.pool_insert(phrases, stamps, clock, torch.tensor([5]), rows)
     with pytest.raises(TypeError, match="capacity: expected an int, got float"):
         module.pool_insert_packed(record, clock, 2.0, 2, keys, rows)
     with pytest.raises(TypeError, match="pool_refine_packed: expected 6 positional"):
         module.pool_refine_packed(record, 2, 2, keys, rows)
+    with pytest.raises(TypeError, match=r"pool_lookup: expected 4 positional arguments \(or 7"):
+        module.pool_lookup(phrases, stamps, keys, 2, *out[:2])
+    with pytest.raises(TypeError, match=r"pool_lookup_packed: expected 5 .*\(or 8"):
+        module.pool_lookup_packed(record, 2, 2, keys)
+    with pytest.raises(TypeError, match="out.slots: expected a torch.Tensor, got NoneType"):
+        module.pool_lookup(phrases, stamps, keys, 2, out.phrases, out.counts, None)
     module.pool_insert(phrases, stamps, clock, keys, rows)
-    module.pool_lookup_out(phrases, stamps, keys, 2, *out)
+    assert module.pool_lookup(phrases, stamps, keys, 2, *out) is None
     assert out.counts.tolist() == [1] and out.phrases[0, 0].tolist() == [1, 2]
+    fresh = module.pool_lookup(phrases, stamps, keys, 2)
+    assert type(fresh) is tuple and len(fresh) == 3
+    for got, want in zip(fresh, out, strict=True):
+        assert got.dtype == torch.int32 and torch.equal(got, want)
     module.pool_insert_packed(record, clock, 2, 2, keys, rows)
-    module.pool_lookup_packed_out(record, 2, 2, keys, 2, *out)
+    assert module.pool_lookup_packed(record, 2, 2, keys, 2, *out) is None
     assert out.counts.tolist() == [1] and out.phrases[0, 0].tolist() == [1, 2]
+    for got, want in zip(module.pool_lookup_packed(record, 2, 2, keys, 2), out, strict=True):
+        assert torch.equal(got, want)
     assert record[1, 4].item() == 1  # the index holds the first token
 
 
