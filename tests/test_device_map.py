@@ -135,7 +135,7 @@ def test_a_model_moved_after_the_cache_was_made_is_refused():
         cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 1)
 
 
-def test_draft_on_the_cpu_beside_the_target_is_allowed_another_gpu_refused():
+def test_a_draft_on_another_gpu_than_the_target_is_refused():
     target = tiny_llama(0)
     draft = perturbed(target, 0.1, seed=1)
     OuroborosDecoder(target, draft, "speculative")  # same device: fine
