@@ -4,7 +4,7 @@ All layers live in ONE tensor ``buffer: [num_layers, 2, B, Hkv, S_max, D]`` (dim
 so that after each acceptance ``ouroboros_kernels.compact_kv`` moves the accepted rows of
 every layer in one launch. Per sequence, ``lengths[b]`` rows are committed.
 
-Targets bigger than one device (docs/architecture.md, `ouroboros.distributed`):
+Targets bigger than one device (docs/architecture.md §6, `ouroboros.distributed`):
 
 * tensor parallel: `StaticKVCache.geometry` counts the KV heads of this rank's shard of
   ``k_proj`` (not the config's full count), so each rank's cache holds only its own heads;

@@ -4,7 +4,7 @@ Greedy decoding, classic speculative decoding, lookahead decoding and Ouroboros 
 *presets* of `OuroborosConfig`: they run through the same loop (`ouroboros.generate`),
 so every comparison and every ablation is one flag on one code path.
 
-Notation of the paper and of DESIGN.md §2: ``gamma`` (γ) draft tokens per step, ``ngram``
+Notation (the paper's; docs/architecture.md §2): ``gamma`` (γ) draft tokens per step, ``ngram``
 (N) the n-gram level (pool phrases hold L = N - 1 tokens after their key token),
 ``pool_capacity`` (W) phrases kept per key, ``num_suffixes`` (K) pool phrases verified
 after the draft.

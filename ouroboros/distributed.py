@@ -1,6 +1,6 @@
 """Targets bigger than one device: tensor parallelism and layer placement.
 
-See docs/architecture.md ("Targets bigger than one device"). Two ways of spreading a target,
+See docs/architecture.md §6 ("Targets bigger than one device"). Two ways of spreading a target,
 both as transformers loads them:
 
 * **Tensor parallel** (``from_pretrained(..., tp_plan="auto")`` under ``torchrun``): every
