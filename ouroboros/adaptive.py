@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ouroboros.config import OuroborosConfig
+from ouroboros.geometry import draft_pass_tokens, draft_pending, target_pass_tokens
 
 __all__ = ["AdaptivePlanner", "ContextCosts", "SchedulePlanner", "StepObservation", "StepPlan",
            "envelope_plans", "fixed_plan"]
@@ -52,6 +53,19 @@ class StepPlan:
     num_suffixes: int
     root_phrases: int = 0
     draft_phrases: int = 0
+
+    def shape(self, config: OuroborosConfig):
+        """The `ouroboros.geometry.TreeShape` of this plan under ``config`` (N, window): a
+        step without a draft (γ = 0) is a lookahead-like step without a window."""
+        from ouroboros.geometry import TreeShape
+
+        if self.gamma == 0:
+            return TreeShape(False, 0, config.ngram, self.num_suffixes,
+                             window=config.window and not config.use_draft,
+                             window_size=config.window_size)
+        return TreeShape(True, self.gamma, config.ngram, self.num_suffixes,
+                         self.draft_phrases, self.root_phrases, config.window,
+                         config.window_size)
 
     @property
     def label(self) -> str:
@@ -188,13 +202,13 @@ class AdaptivePlanner:
         self._phrase_unit = (1 - model.recency ** phrases) * continuation
         self._unit = dict(suffix=lambda n: (1 - model.recency ** n) * continuation,
                           root=lambda n: (1 - model.root_recency ** n) * continuation)
-        window = config.window_size * length if config.window else 0
-        drafting = self._gamma > 0
-        self._draft_tokens = np.where(drafting, 2 + phrases * length
-                                      + (window if config.use_draft else 0), 0)
-        self._target_tokens = 1 + self._gamma + (suffixes + roots) * length \
-            + (0 if config.use_draft else window)
-        self._drafting = drafting
+        shapes = [plan.shape(config) for plan in self.plans]
+        # Tokens of the target pass, of the step's first draft pass and of each later one.
+        self._target_tokens = [target_pass_tokens(shape) for shape in shapes]
+        self._first_draft_tokens = [draft_pass_tokens(shape) for shape in shapes]
+        self._later_draft_tokens = [draft_pass_tokens(shape, draft_pending(shape, False))
+                                    for shape in shapes]
+        self._drafting = self._gamma > 0
         boost = model.window_boost if config.window else 0.0
         decay_len = model.length_decay ** (length - 3)
         cover = lambda c: min(max(c * decay_len + boost, 0.0), 1.0)  # noqa: E731
@@ -202,7 +216,7 @@ class AdaptivePlanner:
         self.suffix_cover = _Estimate(cover(model.coverage), 2.0)
         self.root_cover = _Estimate(cover(model.root_coverage), 2.0)
         self.phrase_cover = _Estimate(cover(model.coverage), 2.0)
-        self._costs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._costs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.probe_every = probe_every
         self._since_draft = self._since_suffix = 0
         self._can_draft = any(plan.gamma for plan in self.plans)
@@ -211,22 +225,25 @@ class AdaptivePlanner:
 
     # ------------------------------------------------------------------ costs
 
-    def _cost_arrays(self, context: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per plan: seconds of the target pass, and of one draft pass (0 without), at the
-        context's bucket (computed once per bucket)."""
+    def _cost_arrays(self, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per plan: seconds of the target pass, of the step's first draft pass and of each
+        later one (0 without a draft), at the context's bucket (once per bucket)."""
         bucket = context // self._bucket
         arrays = self._costs.get(bucket)
         if arrays is None:
             rows = bucket * self._bucket + self._bucket // 2
-            target = {t: self.target(t, rows) for t in set(self._target_tokens.tolist())}
-            target_cost = np.array([target[t] for t in self._target_tokens.tolist()])
-            if self.draft is not None:
-                draft = {t: self.draft(t, rows) for t in set(self._draft_tokens.tolist()) if t}
-                draft_cost = np.array([draft[t] + self.model.pass_overhead if t else 0.0
-                                       for t in self._draft_tokens.tolist()])
-            else:
-                draft_cost = np.zeros_like(target_cost)
-            arrays = self._costs[bucket] = (target_cost, draft_cost)
+
+            def seconds(costs, counts, overhead):
+                if costs is None:
+                    return np.zeros(len(counts))
+                table = {t: costs(t, rows) + overhead for t in set(counts) if t}
+                return np.array([table[t] if t else 0.0 for t in counts])
+
+            overhead = self.model.pass_overhead
+            arrays = self._costs[bucket] = (
+                seconds(self.target, self._target_tokens, 0.0),
+                seconds(self.draft, self._first_draft_tokens, overhead),
+                seconds(self.draft, self._later_draft_tokens, overhead))
         return arrays
 
     # ------------------------------------------------------------------ the choice
@@ -244,8 +261,9 @@ class AdaptivePlanner:
                           1 + suffixes)
         matched = self.phrase_cover.value * self._phrase_unit
         passes = np.where(self._drafting, np.maximum(1.0, gamma / (1 + matched)), 0.0)
-        target_cost, draft_cost = self._cost_arrays(context)
-        seconds = self.model.step_overhead + passes * draft_cost + target_cost
+        target_cost, first_draft, later_draft = self._cost_arrays(context)
+        seconds = self.model.step_overhead + target_cost + np.where(
+            self._drafting, first_draft + (passes - 1) * later_draft, 0.0)
         return tokens / seconds
 
     def plan(self, context: int) -> StepPlan:
@@ -311,9 +329,11 @@ def _throughput_model(measurements):
     from ouroboros.tuning import ThroughputModel
 
     model = ThroughputModel()
-    if measurements.alpha is not None:
-        model = ThroughputModel(**{**model.__dict__, "alpha": measurements.alpha})
-    return model
+    alpha = measurements.alpha
+    if alpha is None:  # not measured on this sample: the mean of the samples measured
+        alphas = list((measurements.extra or {}).get("alphas", {}).values())
+        alpha = sum(alphas) / len(alphas) if alphas else None
+    return model.with_alpha(alpha) if alpha is not None else model
 
 
 def context_costs(measurements) -> tuple[ContextCosts, ContextCosts | None]:
@@ -358,9 +378,13 @@ def adaptive_config(measurements, base: OuroborosConfig, **overrides) -> Ourobor
     values the planner chooses for any plausible statistics (`_ENVELOPE_ALPHAS` x
     `_ENVELOPE_COVERAGES`) at short and long contexts, and ``adaptive=True``. ``overrides``
     (any field) win and cap the envelope."""
-    limits = dict(_ENVELOPE_LIMITS)
+    # What each method may vary: its own mechanisms only (speculative decoding stays
+    # poolless, lookahead stays draftless).
+    varied = {"speculative": ("gamma",), "lookahead": ("num_suffixes",)}.get(
+        base.name, tuple(_ENVELOPE_LIMITS))
+    limits = {name: _ENVELOPE_LIMITS[name] for name in varied}
     if not base.use_draft:
-        limits.update(gamma=0, root_phrases=0, draft_phrases=0)
+        limits = {name: value for name, value in limits.items() if name == "num_suffixes"}
     for name in limits:
         if name in overrides:
             limits[name] = overrides[name]

@@ -107,6 +107,10 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
     parser.add_argument("--no-stream", action="store_true",
                         help="print the text at the end instead of streaming it")
+    parser.add_argument("--no-tune", action="store_true",
+                        help="the method's plain preset (default: tuned for this device and "
+                             "model pair, once and cached, with adaptive trees; also "
+                             "OUROBOROS_TUNING=off)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (torch.set_num_threads, set before "
                              "loading; default: torch's own choice)")
@@ -204,6 +208,7 @@ class TextStream:
 def _run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from ouroboros.config import OuroborosConfig
     from ouroboros.decoder import OuroborosDecoder
     from ouroboros.models import chat_prompt_ids
 
@@ -245,6 +250,14 @@ def _run_generate(args: argparse.Namespace) -> int:
         ids = tokenizer(args.prompt).input_ids
     device = next(target.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.int64, device=device)
+    if not args.no_tune and config.name != "greedy":
+        from ouroboros.tuning import tuned_config
+
+        overrides = OuroborosConfig.parse_overrides(args.set)
+        if args.force_architecture:
+            overrides["force_architecture"] = True
+        config = tuned_config(target, draft, tokenizer, method=args.method, progress=True,
+                              adaptive=True, **overrides)
     decoder = OuroborosDecoder(target, draft, config)
     streamer = None if args.no_stream else TextStream(tokenizer, sys.stdout)
     temperature = args.temperature if args.temperature > 0 else None  # 0: greedy

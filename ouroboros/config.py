@@ -64,6 +64,11 @@ class OuroborosConfig:
             (``False``: cleared at the start of each call). Default on.
 
     Engine:
+        adaptive: choose every step's tree inside this configuration's envelope (γ, K,
+            root phrases and draft phrases at most these values; γ = 0: no draft pass) by
+            the expected tokens per second under the sequence's running statistics and the
+            measured pass costs (`ouroboros.adaptive`). Default off in the presets; the
+            tuned default configuration (``config=None``) turns it on.
         attention_backend: ``"triton"``, ``"reference"`` or ``None`` (``None``: the
             environment variable ``OUROBOROS_ATTENTION_BACKEND`` if set, else Triton for
             CUDA tensors and the PyTorch reference for CPU tensors).
@@ -91,6 +96,7 @@ class OuroborosConfig:
     inspiration: bool = True
     refinement: bool = True
     warm_start: bool = True
+    adaptive: bool = False
     attention_backend: str | None = None
     force_architecture: bool = False
     cache_margin: int = 8
@@ -99,7 +105,8 @@ class OuroborosConfig:
 
     def __post_init__(self) -> None:
         for field in ("use_draft", "window", "seed_pool_from_prompt", "pool_from_output",
-                      "inspiration", "refinement", "warm_start", "force_architecture"):
+                      "inspiration", "refinement", "warm_start", "force_architecture",
+                      "adaptive"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"{field} must be a bool, got {getattr(self, field)!r}")
         minimum = {"gamma": 1 if self.use_draft else 0, "draft_phrases": 0, "window_size": 1,

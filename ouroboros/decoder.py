@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ouroboros import distributed
+from ouroboros.adaptive import adaptive_config, planner_for
 from ouroboros.attention import (
     check_architecture,
     check_features,
@@ -37,6 +38,7 @@ from ouroboros.generate import (
     run_generation,
 )
 from ouroboros.sampling import SamplingParams
+from ouroboros.tuning import measure, tuning_enabled
 
 __all__ = ["OuroborosDecoder", "generate"]
 
@@ -83,7 +85,7 @@ def check_models(target: torch.nn.Module, draft: torch.nn.Module | None,
         raise TypeError(f"draft dtype {draft_parameter.dtype} differs from target dtype "
                         f"{target_parameter.dtype}; load both in the same dtype")
     if draft_parameter.device != target_parameter.device and \
-            draft_parameter.device.type == "cuda":
+            draft_parameter.device.type != "cpu":
         # Another GPU than the target's first one would need device guards around every
         # Triton launch of the draft's steps; a CPU draft runs the PyTorch references.
         raise ValueError(f"draft is on {draft_parameter.device} but target's first layer "
@@ -248,6 +250,37 @@ def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset
                       bad_words=bad_words)
 
 
+def agreement_prompts(target: torch.nn.Module) -> list[list[int]]:
+    """Token prompts to measure the draft's agreement on without a tokenizer: the target's
+    BOS token (its greedy text from there is what the agreement is measured on)."""
+    bos = getattr(target.generation_config, "bos_token_id", None)
+    if bos is None:
+        bos = getattr(target.config, "bos_token_id", None)
+    if isinstance(bos, (list, tuple)):
+        bos = bos[0] if bos else None
+    return [[int(bos) if bos is not None else 0]]
+
+
+def default_config(target: torch.nn.Module, draft: torch.nn.Module | None, tokenizer=None):
+    """``(config, measurements)`` of ``config=None``: the tuned configuration of this device
+    and model pair as the envelope of adaptive trees (`ouroboros.adaptive.adaptive_config`),
+    with the measurements the planner needs. Measured once per device and pair (a line on
+    stderr says what), then read from the cache of `ouroboros.tuning.measure`; the draft's
+    agreement on the built-in calibration prompts with a ``tokenizer``, else on the target's
+    greedy text from its BOS token (only the first steps' prior: the planner follows what
+    the sequence shows). With ``OUROBOROS_TUNING=off``: the ``ouroboros`` preset
+    (``lookahead`` without a draft) and no measurements."""
+    method = "ouroboros" if draft is not None else "lookahead"
+    if not tuning_enabled():
+        return OuroborosConfig.preset(method), None
+    from ouroboros.tuning import choose_from
+
+    prompts = None if tokenizer is not None else agreement_prompts(target)
+    measurements = measure(target, draft, tokenizer, prompts=prompts, progress=True)
+    base = choose_from(measurements, method)
+    return adaptive_config(measurements, base), measurements
+
+
 class OuroborosDecoder:
     """Lossless speculative decoding of ``target`` with ``draft`` under one configuration.
 
@@ -257,7 +290,14 @@ class OuroborosDecoder:
             while `generate` runs, then back to its own implementation.
         draft: a smaller causal LM with the same tokenizer, or None for the presets without a
             draft (``greedy``, ``lookahead``). May be the target itself.
-        config: an `OuroborosConfig`, a preset name, or None (the ``ouroboros`` preset).
+        config: an `OuroborosConfig`, a preset name, or None: the configuration tuned for
+            this device and model pair with adaptive trees (`default_config`: the pass
+            costs are measured once, a few seconds on a CPU, and cached; the ``ouroboros``
+            preset, or ``lookahead`` without a draft, when ``OUROBOROS_TUNING=off``). A
+            configuration with ``adaptive=True`` reads the measured costs from the same
+            cache (and stays a fixed tree when tuning is off).
+        tokenizer: optional; with ``config=None`` the draft's agreement is measured on the
+            built-in calibration prompts encoded with it.
 
     The candidate pool lives in the decoder: with ``config.warm_start`` every call starts
     from what earlier calls learned (`save_pool` / `load_pool` carry it across processes).
@@ -268,9 +308,10 @@ class OuroborosDecoder:
     """
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None = None,
-                 config: OuroborosConfig | str | None = None) -> None:
+                 config: OuroborosConfig | str | None = None, *, tokenizer=None) -> None:
+        self.measurements = None  # ouroboros.tuning.Measurements, for adaptive trees
         if config is None:
-            config = OuroborosConfig()
+            config, self.measurements = default_config(target, draft, tokenizer)
         elif isinstance(config, str):
             config = OuroborosConfig.preset(config)
         elif not isinstance(config, OuroborosConfig):
@@ -279,6 +320,11 @@ class OuroborosDecoder:
         device = _parameter(target, "target").device
         self.backend = resolve_backend(config.attention_backend, device)
         check_models(target, draft, config, self.backend)
+        if config.adaptive and self.measurements is None and tuning_enabled():
+            # The cost curves (cached by tuned_config or measured now); the agreement prior
+            # is whatever was measured for the pair.
+            self.measurements = measure(target, draft if config.use_draft else None,
+                                        progress=True)
         self.config = config
         self.target = target
         self.draft = draft if config.use_draft else None
@@ -347,6 +393,13 @@ class OuroborosDecoder:
             self.pool.clear()
 
     # ------------------------------------------------------------------ decoding
+
+    def _planner(self):
+        """The per-step tree planner of one call (None: the configuration's fixed tree):
+        adaptive trees need the measured pass costs; with tuning off they stay fixed."""
+        if self.config.adaptive and self.measurements is not None:
+            return planner_for(self.config, self.measurements)
+        return None
 
     def _runner(self, name: str, model: torch.nn.Module, rows: int) -> ModelRunner:
         parameter = next(model.parameters())
@@ -475,6 +528,7 @@ class OuroborosDecoder:
                           sampling=sampling, uniforms=uniforms, tokens=list(prompt),
                           prompt_length=len(prompt), max_new_tokens=max_new_tokens,
                           stats=GenerationStats(), rules=rules)
+        session.planner = self._planner()
         if self.pool is not None and config.seed_pool_from_prompt:
             session.stats.prompt_ngrams = insert_sequence_ngrams(session, prompt)
         if config.window:
@@ -501,7 +555,8 @@ class OuroborosDecoder:
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None,
              input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128,
              config: OuroborosConfig | str | None = None, **kwargs) -> GenerationResult:
-    """Generate with a fresh `OuroborosDecoder` (cold pool); ``kwargs`` as in
+    """Generate with a fresh `OuroborosDecoder` (cold pool; ``config=None``: the tuned,
+    adaptive default, measured once per device and pair and cached); ``kwargs`` as in
     `OuroborosDecoder.generate` (sampling, eos_token_id, stop, streamer, seed)."""
     decoder = OuroborosDecoder(target, draft, config)
     return decoder.generate(input_ids, max_new_tokens, **kwargs)

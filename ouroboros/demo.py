@@ -313,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
     # The draft's agreement (which sizes the trees) is measured on a sample of this workload.
     sample = [encode_prompt(tokenizer, kind, text) for kind, text in prompts[:2]]
     config = tuned_config(target, draft, tokenizer, method=args.method, prompts=sample,
-                          tune=False if args.no_tune else None, progress=True, **overrides)
+                          tune=False if args.no_tune else None, progress=True,
+                          adaptive=True, **overrides)
     device = next(target.parameters()).device
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"[ouroboros] ready in {time.perf_counter() - start:.1f} s on {device}{threads}; "
@@ -342,4 +343,6 @@ def _describe(config) -> str:
         if getattr(config, "root_phrases", 0):
             parts.append(f"root_phrases={config.root_phrases}")
     parts.append(f"window={config.window_size if config.window else 'off'}")
+    if config.adaptive:
+        parts.append("adaptive trees within these")
     return ", ".join(parts)

@@ -68,7 +68,9 @@ class GenerationStats:
     per draft pass); one shape unless the trees adapt. Pool traffic: ``prompt_ngrams``,
     ``output_ngrams``, ``inspiration_ngrams``, ``window_ngrams`` inserted, ``refinements``
     written. Times in seconds: draft model passes, target verification (forward, choice,
-    acceptance), pool operations, and the rest.
+    acceptance), pool operations, and the rest; ``time_prefill`` is the part of the total
+    spent prefilling the prompt into both caches (the draft's share also counts as draft
+    time), so ``time_total - time_prefill`` is the decoding phase.
     """
 
     new_tokens: int = 0
@@ -90,6 +92,7 @@ class GenerationStats:
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_pool: float = 0.0
+    time_prefill: float = 0.0
     time_total: float = 0.0
     _timers: list = field(default_factory=list, repr=False, compare=False)
 
@@ -105,6 +108,11 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.time_total if self.time_total > 0 else 0.0
+
+    @property
+    def time_decoding(self) -> float:
+        """Seconds after the prefill."""
+        return max(0.0, self.time_total - self.time_prefill)
 
     def summary(self) -> str:
         """One human-readable line."""
@@ -802,6 +810,7 @@ def run_generation(session: Session, prompt_length: int, rules: StopRules,
     if session.draft is not None:
         with _Timer(stats, "time_draft"):
             prefill(session.draft, prompt[:-1])
+    stats.time_prefill = time.perf_counter() - start
     generated: list[int] = []
     done = False
     while not done:

@@ -6,6 +6,9 @@ if os.environ.get("OUROBOROS_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `config=None` tunes for the device and caches under ~/.cache/ouroboros; the tests that
+# exercise that path turn it on with a temporary cache directory (test_adaptive, test_tuning).
+os.environ.setdefault("OUROBOROS_TUNING", "off")
 
 import pytest  # noqa: E402
 

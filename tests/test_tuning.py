@@ -103,6 +103,7 @@ def test_measure_and_cache_on_tiny_models(tmp_path, monkeypatch):
 
 def test_tuned_config_runs_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("OUROBOROS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("OUROBOROS_TUNING", "on")
     target = tiny_llama(0)
     draft = perturbed(target, 0.3, seed=1)
     config = tuned_config(target, draft)

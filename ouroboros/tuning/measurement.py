@@ -65,9 +65,14 @@ __all__ = [
 TARGET_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
 DRAFT_SIZES: tuple[int, ...] = (1, 4, 8, 16, 32)
 PREFIX_LEN = 200
+# A second, shorter curve after a long prefix: how the attention's share grows with the
+# context (adaptive trees shrink on long contexts, see `ouroboros.adaptive.ContextCosts`).
+LONG_PREFIX_LEN = 1024
+LONG_SIZES: tuple[int, ...] = (1, 8, 32)
 # Bump when the measurement changes meaning; old cache entries are then ignored. Format 1:
-# `measurement_tree` of `MEASUREMENT_SHAPE` (a chain of 6 and branches of 3 tokens).
-_FORMAT = 1
+# `measurement_tree` of `MEASUREMENT_SHAPE` (a chain of 6 and branches of 3 tokens);
+# format 2 adds the long-prefix curves (``extra["long_target_curve"]`` etc.).
+_FORMAT = 2
 
 CALIBRATION_PROMPTS: tuple[str, ...] = (
     'def running_mean(values: list[float]) -> list[float]:\n    """Return the mean of the '
@@ -98,12 +103,10 @@ def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
     up to γ + 1 tokens, then branches under a tree mask), after a cached prefix of
     ``prefix_len`` random tokens, batch 1: one warm-up round over all sizes, then
     ``repeats`` timed rounds (CUDA synchronised); per size the fastest round, made
-    non-decreasing in T. The model is switched to the ``"ouroboros"`` attention (its
-    ordinary use is unchanged, see `ouroboros.attention`).
+    non-decreasing in T. The model runs the ``"ouroboros"`` attention during the
+    measurement only.
     """
-    from ouroboros.attention import enable_ouroboros_attention, resolve_backend
-    from ouroboros.cache import StaticKVCache, cache_kwarg_name
-    from ouroboros.generate import ModelRunner, forward_tree, prefill
+    from ouroboros.attention import ouroboros_attention, resolve_backend
 
     sizes = tuple(sorted(set(int(s) for s in sizes)))
     if not sizes or sizes[0] < 1:
@@ -115,7 +118,15 @@ def measure_cost_curve(model: nn.Module, sizes: Sequence[int] = TARGET_SIZES, *,
     parameter = next(model.parameters())
     device = parameter.device
     backend = resolve_backend(backend, device)
-    enable_ouroboros_attention(model, force=True)
+    with ouroboros_attention(model, force=True):
+        return _time_passes(model, sizes, prefix_len, repeats, backend, seed, shape, device)
+
+
+def _time_passes(model, sizes, prefix_len, repeats, backend, seed, shape, device) -> CostCurve:
+    """`measure_cost_curve` once the model is switched (arguments validated)."""
+    from ouroboros.cache import StaticKVCache, cache_kwarg_name
+    from ouroboros.generate import ModelRunner, forward_tree, prefill
+
     cache = StaticKVCache.for_model(model, prefix_len + max(sizes) + 8)
     runner = ModelRunner(model, cache, cache_kwarg_name(model), backend)
     generator = torch.Generator().manual_seed(seed)
@@ -320,6 +331,26 @@ def _prompts_key(prompts: Sequence[Sequence[int]] | None) -> str:
     return hashlib.sha256(flat.encode()).hexdigest()[:16]
 
 
+def _long_prefix_curves(target: nn.Module, draft: nn.Module | None) -> dict:
+    """``extra`` entries with both models' `LONG_SIZES` curves after `LONG_PREFIX_LEN`
+    cached rows (a shorter prefix when a model's context is smaller; none below 2x
+    `PREFIX_LEN`)."""
+    models = [target] + ([draft] if draft is not None else [])
+    limits = [getattr(m.config, "max_position_embeddings", None) or 10**9 for m in models]
+    long_prefix = min([LONG_PREFIX_LEN] + [limit - max(LONG_SIZES) - 8 for limit in limits])
+    if long_prefix < 2 * PREFIX_LEN:
+        return {}
+    extra = {"prefix": PREFIX_LEN, "long_prefix": long_prefix,
+             "long_target_curve": measure_cost_curve(target, LONG_SIZES,
+                                                     prefix_len=long_prefix,
+                                                     repeats=2).to_dict()}
+    if draft is not None:
+        extra["long_draft_curve"] = measure_cost_curve(draft, LONG_SIZES,
+                                                       prefix_len=long_prefix,
+                                                       repeats=2).to_dict()
+    return extra
+
+
 def measure(target: nn.Module, draft: nn.Module | None, tokenizer=None, *,
             prompts: Sequence[Sequence[int]] | None = None,
             cache_dir: str | os.PathLike | None = None, refresh: bool = False,
@@ -353,8 +384,10 @@ def measure(target: nn.Module, draft: nn.Module | None, tokenizer=None, *,
                   file=sys.stderr, flush=True)
         target_curve = measure_cost_curve(target, TARGET_SIZES)
         draft_curve = measure_cost_curve(draft, DRAFT_SIZES) if draft is not None else None
+        extra = _long_prefix_curves(target, draft)
     else:
         target_curve, draft_curve = cached.target_curve, cached.draft_curve
+        extra = dict(cached.extra)
     if can_measure_alpha:
         if progress:
             print("[ouroboros] measuring the draft's agreement with the target...",
@@ -363,7 +396,7 @@ def measure(target: nn.Module, draft: nn.Module | None, tokenizer=None, *,
     spent = time.perf_counter() - start + (cached.seconds_spent if cached else 0.0)
     result = Measurements(device_description(device), target_curve, draft_curve,
                           alphas.get(key), time.strftime("%Y-%m-%d %H:%M:%S"), spent,
-                          {"alphas": alphas})
+                          {**extra, "alphas": alphas})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = path.with_suffix(f".{os.getpid()}.tmp")
@@ -381,7 +414,8 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
                  method: str = "ouroboros", tune: bool | None = None,
                  prompts: Sequence[Sequence[int]] | None = None,
                  refresh: bool = False, cache_dir: str | os.PathLike | None = None,
-                 progress: bool = False, **overrides) -> OuroborosConfig:
+                 progress: bool = False, adaptive: bool = False,
+                 **overrides) -> OuroborosConfig:
     """`OuroborosConfig` of ``method`` tuned for the device the models are on.
 
     Args:
@@ -398,8 +432,11 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
         cache_dir: root of the cache (default ``$OUROBOROS_CACHE_DIR`` or
             ``~/.cache/ouroboros``).
         progress: print a line while measuring.
+        adaptive: return the envelope of adaptive trees around the tuned configuration
+            (`ouroboros.adaptive.adaptive_config`; what ``OuroborosDecoder(target, draft)``
+            uses) instead of the fixed tuned tree.
         overrides: `OuroborosConfig` fields that win over the tuned values (held fixed
-            during the search).
+            during the search; with ``adaptive`` they also cap the envelope).
 
     Returns:
         the configuration (its ``name`` is the method's).
@@ -413,4 +450,9 @@ def tuned_config(target: nn.Module, draft: nn.Module | None = None, tokenizer=No
         raise ValueError(f"method {method!r} needs a draft model to tune for")
     measurements = measure(target, draft if uses_draft else None, tokenizer, prompts=prompts,
                            refresh=refresh, cache_dir=cache_dir, progress=progress)
-    return choose_from(measurements, method, **overrides)
+    config = choose_from(measurements, method, **overrides)
+    if adaptive:
+        from ouroboros.adaptive import adaptive_config
+
+        config = adaptive_config(measurements, config, **overrides)
+    return config
