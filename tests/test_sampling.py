@@ -115,6 +115,7 @@ def sampling_pair():
     ("ouroboros", 1.0, None, None),
     ("speculative", 0.8, 6, None),
     ("lookahead", 1.2, None, 0.9),
+    ("adaptive", 1.0, None, 0.95),  # the tree of each step chosen by the planner
 ])
 def test_sampled_joint_distribution_matches_target(sampling_pair, method, temperature, top_k,
                                                    top_p):
@@ -122,8 +123,19 @@ def test_sampled_joint_distribution_matches_target(sampling_pair, method, temper
     prompt = random_prompt(5, VOCAB, 9)[0].tolist()
     params = SamplingParams(True, temperature, top_k, top_p)
     probs = exact_joint(target, prompt, params)
-    config = OuroborosConfig.preset(method, ngram=3, pool_capacity=8)
+    measurements = None
+    if method == "adaptive":
+        from ouroboros.adaptive import adaptive_config
+        from ouroboros.tuning import CostCurve, Measurements
+
+        measurements = Measurements("test", CostCurve((1, 8, 64), (0.02, 0.021, 0.03)),
+                                    CostCurve((1, 8, 64), (0.002, 0.0021, 0.003)), 0.6)
+        config = adaptive_config(measurements, OuroborosConfig(ngram=3, pool_capacity=8))
+    else:
+        config = OuroborosConfig.preset(method, ngram=3, pool_capacity=8)
     decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
+    decoder.measurements = measurements or decoder.measurements
+    shapes: set = set()
     counts: dict[tuple, int] = {}
     accepted_beyond_first = 0
     runs = 1500
@@ -133,6 +145,9 @@ def test_sampled_joint_distribution_matches_target(sampling_pair, method, temper
         outcome = tuple(result.new_tokens.tolist())
         counts[outcome] = counts.get(outcome, 0) + 1
         accepted_beyond_first += result.stats.target_passes < DEPTH
+        shapes |= set(result.stats.shapes)
+    if method == "adaptive":
+        assert len(shapes) > 1  # the planner did vary the trees
     # Tokens produced by accepted branches are covered, not only first tokens.
     assert accepted_beyond_first > runs // 10
     assert chi_square_pvalue(counts, probs) > 1e-3
