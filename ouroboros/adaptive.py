@@ -174,11 +174,14 @@ class AdaptivePlanner:
         decay: factor applied to the statistics before each step's observation (0.85: the
             last ~7 steps weigh the most).
         probe_every: steps after which a switched-off draft or suffix is tried once.
+        margin: how much faster (expected) a plan must be than the priors' choice to be
+            taken instead.
         plans: the candidate plans (default `envelope_plans(config)`).
     """
 
     def __init__(self, config: OuroborosConfig, model, target: ContextCosts,
                  draft: ContextCosts | None, *, decay: float = 0.85, probe_every: int = 8,
+                 margin: float = 0.1,
                  plans: Sequence[StepPlan] | None = None) -> None:
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must lie in (0, 1], got {decay!r}")
@@ -217,7 +220,8 @@ class AdaptivePlanner:
         self.root_cover = _Estimate(cover(model.root_coverage), 2.0)
         self.phrase_cover = _Estimate(cover(model.coverage), 2.0)
         self._costs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.probe_every = probe_every
+        self.probe_every, self.margin = probe_every, margin
+        self._anchors: dict[int, int] = {}
         self._since_draft = self._since_suffix = 0
         self._can_draft = any(plan.gamma for plan in self.plans)
         self._can_suffix = any(plan.num_suffixes for plan in self.plans)
@@ -248,18 +252,24 @@ class AdaptivePlanner:
 
     # ------------------------------------------------------------------ the choice
 
-    def rates(self, context: int) -> np.ndarray:
-        """Expected tokens per second of every candidate plan after ``context`` tokens."""
-        alpha = min(max(self.alpha.value, 0.0), 0.999)
+    def rates(self, context: int, estimates: Sequence[float] | None = None) -> np.ndarray:
+        """Expected tokens per second of every candidate plan after ``context`` tokens,
+        under the current estimates (or ``estimates``: α and the suffix, root and phrase
+        coverages)."""
+        if estimates is None:
+            estimates = (self.alpha.value, self.suffix_cover.value, self.root_cover.value,
+                         self.phrase_cover.value)
+        alpha, suffix_cover, root_cover, phrase_cover = estimates
+        alpha = min(max(alpha, 0.0), 0.999)
         gamma = self._gamma
         power = alpha ** gamma
         accepted = alpha * (1 - power) / (1 - alpha)  # sum of alpha^i, i = 1..gamma
-        suffixes = self.suffix_cover.value * self._suffix_unit
-        roots = self.root_cover.value * self._root_unit
+        suffixes = suffix_cover * self._suffix_unit
+        roots = root_cover * self._root_unit
         tokens = np.where(self._drafting,
                           1 + accepted + power * suffixes + (1 - alpha) * roots,
                           1 + suffixes)
-        matched = self.phrase_cover.value * self._phrase_unit
+        matched = phrase_cover * self._phrase_unit
         passes = np.where(self._drafting, np.maximum(1.0, gamma / (1 + matched)), 0.0)
         target_cost, first_draft, later_draft = self._cost_arrays(context)
         seconds = self.model.step_overhead + target_cost + np.where(
@@ -269,11 +279,19 @@ class AdaptivePlanner:
     def plan(self, context: int) -> StepPlan:
         """The plan with the highest expected rate (the first such, deterministically).
 
-        A mechanism the estimates switched off is probed again every ``probe_every`` steps
+        The plan the priors (the tuned values) would choose is kept unless another one is
+        expected to be ``margin`` faster under the current estimates: a few steps of noisy
+        statistics do not move the tree. A mechanism the estimates switched off is probed
+        again every ``probe_every`` steps
         (one draft token, or one suffix), so that a sequence on which it starts to pay is
         noticed: an estimate only moves when its mechanism runs.
         """
-        best = self.plans[int(np.argmax(self.rates(context)))]
+        rates = self.rates(context)
+        best = int(np.argmax(rates))
+        anchor = self._anchor(context)
+        if rates[best] < rates[anchor] * (1 + self.margin):
+            best = anchor
+        best = self.plans[best]
         self._since_draft = 0 if best.gamma else self._since_draft + 1
         self._since_suffix = 0 if best.num_suffixes else self._since_suffix + 1
         if self._can_draft and self._since_draft >= self.probe_every:
@@ -281,6 +299,16 @@ class AdaptivePlanner:
         if self._can_suffix and self._since_suffix >= self.probe_every:
             best, self._since_suffix = replace(best, num_suffixes=1), 0
         return best
+
+    def _anchor(self, context: int) -> int:
+        """Index of the plan the priors choose at the context's bucket."""
+        bucket = context // self._bucket
+        anchor = self._anchors.get(bucket)
+        if anchor is None:
+            priors = (self.alpha.prior, self.suffix_cover.prior, self.root_cover.prior,
+                      self.phrase_cover.prior)
+            anchor = self._anchors[bucket] = int(np.argmax(self.rates(context, priors)))
+        return anchor
 
     def observe(self, plan: StepPlan, seen: StepObservation) -> None:
         """Fold one step's outcome into the estimates (decaying the older ones)."""
@@ -393,10 +421,11 @@ def adaptive_config(measurements, base: OuroborosConfig, **overrides) -> Ourobor
     chosen: list[StepPlan] = []
     for alpha in _ENVELOPE_ALPHAS:
         for coverage in _ENVELOPE_COVERAGES:
-            planner.alpha.prior = alpha
-            for estimate in (planner.suffix_cover, planner.root_cover, planner.phrase_cover):
-                estimate.prior = coverage
-            chosen += [planner.plan(context) for context in _ENVELOPE_CONTEXTS]
+            estimates = (alpha, coverage, coverage, coverage)
+            chosen += [planner.plans[int(np.argmax(planner.rates(context, estimates)))]
+                       for context in _ENVELOPE_CONTEXTS]
+    # The tuned tree itself is always inside the envelope.
+    chosen.append(fixed_plan(base) if base.use_draft else StepPlan(0, base.num_suffixes))
     envelope = {name: max(getattr(plan, name) for plan in chosen) for name in limits}
     if base.use_draft:
         envelope["gamma"] = max(envelope["gamma"], 1)

@@ -250,33 +250,24 @@ def generation_rules(target: torch.nn.Module, prompt_length: int, eos: frozenset
                       bad_words=bad_words)
 
 
-def agreement_prompts(target: torch.nn.Module) -> list[list[int]]:
-    """Token prompts to measure the draft's agreement on without a tokenizer: the target's
-    BOS token (its greedy text from there is what the agreement is measured on)."""
-    bos = getattr(target.generation_config, "bos_token_id", None)
-    if bos is None:
-        bos = getattr(target.config, "bos_token_id", None)
-    if isinstance(bos, (list, tuple)):
-        bos = bos[0] if bos else None
-    return [[int(bos) if bos is not None else 0]]
-
-
 def default_config(target: torch.nn.Module, draft: torch.nn.Module | None, tokenizer=None):
     """``(config, measurements)`` of ``config=None``: the tuned configuration of this device
     and model pair as the envelope of adaptive trees (`ouroboros.adaptive.adaptive_config`),
     with the measurements the planner needs. Measured once per device and pair (a line on
     stderr says what), then read from the cache of `ouroboros.tuning.measure`; the draft's
-    agreement on the built-in calibration prompts with a ``tokenizer``, else on the target's
-    greedy text from its BOS token (only the first steps' prior: the planner follows what
-    the sequence shows). With ``OUROBOROS_TUNING=off``: the ``ouroboros`` preset
+    agreement is measured on the built-in calibration prompts when a ``tokenizer`` is given.
+    Without one the agreement prior is what was measured for the pair before, else the
+    cost model's prior (0.7): it only seeds the first steps, the planner follows what the
+    sequence shows (a pessimistic prior would keep it from trying the draft; measured on
+    text from the BOS token alone the agreement came out at 0.21 for the demo pair, against
+    0.5-0.6 on real prompts). With ``OUROBOROS_TUNING=off``: the ``ouroboros`` preset
     (``lookahead`` without a draft) and no measurements."""
     method = "ouroboros" if draft is not None else "lookahead"
     if not tuning_enabled():
         return OuroborosConfig.preset(method), None
     from ouroboros.tuning import choose_from
 
-    prompts = None if tokenizer is not None else agreement_prompts(target)
-    measurements = measure(target, draft, tokenizer, prompts=prompts, progress=True)
+    measurements = measure(target, draft, tokenizer, progress=True)
     base = choose_from(measurements, method)
     return adaptive_config(measurements, base), measurements
 
