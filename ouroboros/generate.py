@@ -455,6 +455,10 @@ class Session:
     target_window: JacobiWindow | None = None
     rules: LogitRules | None = None  # the target's generation-config processors, if any
     planner: object | None = None  # ouroboros.adaptive.AdaptivePlanner: per-step trees
+    # Reused pool lookup buffers (`CandidatePool.empty_lookup`) per phrase count, and the
+    # one-key tensor they are looked up with: no allocation per lookup.
+    lookup_buffers: dict = field(default_factory=dict, repr=False)
+    lookup_key: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -484,8 +488,13 @@ def pool_phrases(session: Session, key: int, count: int) -> list[tuple[int, list
     if session.pool is None or count == 0:
         return []
     with _Timer(session.stats, "time_pool"):
-        keys = torch.tensor([key], dtype=torch.int64, device=session.device)
-        phrases, counts, slots = session.pool.lookup(keys, count)
+        buffers = session.lookup_buffers.get(count)
+        if buffers is None:
+            buffers = session.lookup_buffers[count] = session.pool.empty_lookup(1, count)
+        if session.lookup_key is None:
+            session.lookup_key = torch.empty(1, dtype=torch.int64, device=session.device)
+        keys = session.lookup_key.fill_(key)
+        phrases, counts, slots = session.pool.lookup(keys, count, out=buffers)
         found = torch.cat([counts.to(torch.int64), slots[0].to(torch.int64),
                            phrases[0].flatten().to(torch.int64)]).tolist()
     num = found[0]

@@ -194,12 +194,13 @@ def measure_agreement(target: nn.Module, draft: nn.Module, tokenizer=None, *,
     ``tokenizer`` (the chat one with its chat template).
     """
     from ouroboros.decoder import OuroborosDecoder
+    from ouroboros.models import chat_prompt_ids
 
     device = next(target.parameters()).device
     if prompts is None:
         if tokenizer is None:
             raise ValueError("measure_agreement needs a tokenizer or explicit token prompts")
-        prompts = [tokenizer(CALIBRATION_PROMPTS[0]).input_ids, _chat_ids(
+        prompts = [tokenizer(CALIBRATION_PROMPTS[0]).input_ids, chat_prompt_ids(
             tokenizer, CALIBRATION_PROMPTS[1])]
     decoder = OuroborosDecoder(target, draft, OuroborosConfig.preset("speculative"))
     hits = total = 0
@@ -211,14 +212,6 @@ def measure_agreement(target: nn.Module, draft: nn.Module, tokenizer=None, *,
         hits += int((predicted[start:] == sequence[0, start + 1:]).sum())
         total += sequence.shape[1] - result.prompt_length
     return hits / max(total, 1)
-
-
-def _chat_ids(tokenizer, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 tokenize=False, add_generation_prompt=True)
-        return tokenizer(rendered, add_special_tokens=False).input_ids
-    return tokenizer(text).input_ids
 
 
 # ============================================================================ caching
