@@ -64,6 +64,7 @@ import torch  # noqa: E402
 from ouroboros.config import OuroborosConfig  # noqa: E402
 
 LONG_LENGTHS = (256, 1024, 2048)
+WARM_UP_TEXT = "Write one sentence about the weather."  # untimed, in no prompt set
 SETS = ("humaneval", "heldout", "chat") + tuple(f"code{n}" for n in LONG_LENGTHS)
 DEFAULT_SETS = ("humaneval", "heldout", "chat")
 SET_TITLES = {
@@ -424,6 +425,17 @@ def logit_gap(model: torch.nn.Module, prompt: list[int], reference: list[int],
     return f"target logit gap greedy-vs-method token {gap:.4g} (max |logit| {scale:.3g})"
 
 
+def warm_up(methods: Sequence[Method], prompt: list[int], max_new_tokens: int = 16) -> None:
+    """One untimed short run of every method on a prompt outside the sets (first-call costs:
+    cache allocation, kernel selection, lazy imports), then the engine's pools cleared, so
+    that no prompt's time includes them and no pool starts with what the warm-up saw."""
+    for method in methods:
+        method.run(prompt, max_new_tokens)
+        decoder = getattr(method, "decoder", None)
+        if decoder is not None:
+            decoder.clear_pool()
+
+
 def run_set(methods: Sequence[Method], prompts: list[tuple[str, list[int]]],
             max_new_tokens: int, log=print,
             diagnose: Callable[[list[int], list[int], int, int | None], str] | None = None,
@@ -720,6 +732,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in methods:
             if method.config is not None:
                 print(f"   {method.name}: {describe(method.config)}")
+        warm_up(methods, tokenizer(WARM_UP_TEXT).input_ids)
         results[set_name] = run_set(
             methods, prompts, args.max_new_tokens, log=lambda s: print(s, flush=True),
             diagnose=lambda *a: logit_gap(target, *a))
@@ -734,7 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{next(target.parameters()).dtype}; linear weights prepacked: "
         f"{not args.no_prepack and device.type == 'cpu'}",
         f"batch 1, greedy, {args.max_new_tokens} new tokens at most (EOS ends earlier); one "
-        f"interleaved run, method order rotated per prompt; {elapsed / 60:.1f} min",
+        f"interleaved run, method order rotated per prompt, after one untimed 16-token "
+        f"warm-up run of every method per set (pools cleared after it); "
+        f"{elapsed / 60:.1f} min",
         f"load average at start {load_start[0]:.1f} / end {load_end[0]:.1f} (1-min; the "
         f"machine may be shared: absolute tokens/s are noisy, the interleaving keeps the "
         f"ratios fair)",
