@@ -72,8 +72,11 @@ namespace ouroboros {
 struct PoolDims {
   int64_t V, W, L;
 };
-// Shapes, dtypes and devices of the generic state (contiguous tensors). Returns {V, W, L}.
-PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps);
+// Shapes, dtypes and devices of the generic state. Returns {V, W, L}. With
+// `require_contiguous` (the CUDA kernels) both tensors must be contiguous; the CPU kernels
+// pass false and check their row strides themselves (cpu_state).
+PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps,
+                     bool require_contiguous = true);
 void check_clock(const at::Tensor& clock, const at::Tensor& phrases);
 // Keys as a contiguous int64 tensor (int32 keys are converted; other dtypes raise).
 at::Tensor checked_keys(const at::Tensor& keys, const at::Tensor& phrases);

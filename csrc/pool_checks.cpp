@@ -5,7 +5,8 @@
 
 namespace ouroboros {
 
-PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps) {
+PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps,
+                     bool require_contiguous) {
   TORCH_CHECK_TYPE(phrases.scalar_type() == at::kInt,
                    "pool phrases: expected int32, got ", phrases.scalar_type());
   TORCH_CHECK_TYPE(stamps.scalar_type() == at::kLong,
@@ -18,7 +19,7 @@ PoolDims check_state(const at::Tensor& phrases, const at::Tensor& stamps) {
                     phrases.size(1), "], got ", stamps.sizes());
   TORCH_CHECK_VALUE(phrases.size(1) >= 1 && phrases.size(2) >= 1,
                     "pool phrases: W and L must be >= 1, got ", phrases.sizes());
-  TORCH_CHECK_VALUE(phrases.is_contiguous() && stamps.is_contiguous(),
+  TORCH_CHECK_VALUE(!require_contiguous || (phrases.is_contiguous() && stamps.is_contiguous()),
                     "pool phrases and stamps must be contiguous");
   TORCH_CHECK_VALUE(stamps.device() == phrases.device(), "pool stamps: on ", stamps.device(),
                     " but phrases on ", phrases.device());

@@ -46,21 +46,7 @@ void check_row_strided(const at::Tensor& t, const char* name, int64_t row_elems)
 }
 
 CpuState cpu_state(const at::Tensor& phrases, const at::Tensor& stamps) {
-  TORCH_CHECK_TYPE(phrases.scalar_type() == at::kInt,
-                   "pool phrases: expected int32, got ", phrases.scalar_type());
-  TORCH_CHECK_TYPE(stamps.scalar_type() == at::kLong,
-                   "pool stamps: expected int64, got ", stamps.scalar_type());
-  TORCH_CHECK_VALUE(phrases.dim() == 3, "pool phrases: expected shape [V, W, L], got ",
-                    phrases.sizes());
-  TORCH_CHECK_VALUE(stamps.dim() == 2 && stamps.size(0) == phrases.size(0) &&
-                        stamps.size(1) == phrases.size(1),
-                    "pool stamps: expected shape [V, W] = [", phrases.size(0), ", ",
-                    phrases.size(1), "], got ", stamps.sizes());
-  TORCH_CHECK_VALUE(phrases.size(1) >= 1 && phrases.size(2) >= 1,
-                    "pool phrases: W and L must be >= 1, got ", phrases.sizes());
-  TORCH_CHECK_VALUE(stamps.device() == phrases.device(), "pool stamps: on ", stamps.device(),
-                    " but phrases on ", phrases.device());
-  const int64_t V = phrases.size(0), W = phrases.size(1), L = phrases.size(2);
+  const auto [V, W, L] = check_state(phrases, stamps, /*require_contiguous=*/false);
   check_row_strided(phrases, "pool phrases", W * L);
   check_row_strided(stamps, "pool stamps", W);
   return {phrases.data_ptr<int32_t>(), stamps.data_ptr<int64_t>(), nullptr,
