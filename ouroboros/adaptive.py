@@ -193,18 +193,18 @@ class AdaptivePlanner:
         if not self.plans:
             raise ValueError("no candidate plan inside the configuration's envelope")
         length = config.phrase_len
-        self._length = length
         self._gamma = np.array([p.gamma for p in self.plans], dtype=np.float64)
         suffixes = np.array([p.num_suffixes for p in self.plans], dtype=np.float64)
         roots = np.array([p.root_phrases for p in self.plans], dtype=np.float64)
         phrases = np.array([p.draft_phrases for p in self.plans], dtype=np.float64)
-        # Tokens accepted per unit of coverage for n phrases: (1 - recency^n) * g(L).
+        # Tokens accepted per unit of coverage for n phrases: (1 - recency^n) * g(L), for
+        # the plans (arrays) and for the observations (one count).
         continuation = sum(model.continuation ** j for j in range(length))
-        self._suffix_unit = (1 - model.recency ** suffixes) * continuation
-        self._root_unit = (1 - model.root_recency ** roots) * continuation
-        self._phrase_unit = (1 - model.recency ** phrases) * continuation
-        self._unit = dict(suffix=lambda n: (1 - model.recency ** n) * continuation,
-                          root=lambda n: (1 - model.root_recency ** n) * continuation)
+        self._pool_unit = lambda n: (1 - model.recency ** n) * continuation  # noqa: E731
+        self._root_unit_of = lambda n: (1 - model.root_recency ** n) * continuation  # noqa: E731
+        self._suffix_unit = self._pool_unit(suffixes)
+        self._root_unit = self._root_unit_of(roots)
+        self._phrase_unit = self._pool_unit(phrases)
         shapes = [plan.shape(config) for plan in self.plans]
         # Tokens of the target pass, of the step's first draft pass and of each later one.
         self._target_tokens = [target_pass_tokens(shape) for shape in shapes]
@@ -282,9 +282,9 @@ class AdaptivePlanner:
         The plan the priors (the tuned values) would choose is kept unless another one is
         expected to be ``margin`` faster under the current estimates: a few steps of noisy
         statistics do not move the tree. A mechanism the estimates switched off is probed
-        again every ``probe_every`` steps
-        (one draft token, or one suffix), so that a sequence on which it starts to pay is
-        noticed: an estimate only moves when its mechanism runs.
+        again every ``probe_every`` steps (one draft token, or one suffix), so that a
+        sequence on which it starts to pay is noticed: an estimate only moves when its
+        mechanism runs.
         """
         rates = self.rates(context)
         best = int(np.argmax(rates))
@@ -318,11 +318,11 @@ class AdaptivePlanner:
             rejected = 1.0 if seen.accepted_draft < seen.drafted else 0.0
             self.alpha.add(seen.accepted_draft, seen.accepted_draft + rejected)
         if plan.num_suffixes and seen.suffixes_in_context:
-            self.suffix_cover.add(seen.suffix_tokens, self._unit["suffix"](plan.num_suffixes))
+            self.suffix_cover.add(seen.suffix_tokens, self._pool_unit(plan.num_suffixes))
         if plan.root_phrases and seen.drafted and seen.accepted_draft == 0:
-            self.root_cover.add(seen.root_tokens, self._unit["root"](plan.root_phrases))
+            self.root_cover.add(seen.root_tokens, self._root_unit_of(plan.root_phrases))
         if plan.draft_phrases and seen.draft_passes:
-            unit = self._unit["suffix"](plan.draft_phrases)
+            unit = self._pool_unit(plan.draft_phrases)
             self.phrase_cover.add(seen.phrase_tokens, seen.draft_passes * unit)
 
     def estimates(self) -> dict[str, float]:
