@@ -657,8 +657,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     if set(args.sets) - set(SETS):
         parser.error(f"unknown sets {sorted(set(args.sets) - set(SETS))}; choose from {SETS}")
-    if args.max_new_tokens < 1 or args.prompts < 1:
-        parser.error("--max-new-tokens and --prompts must be >= 1")
+    if args.max_new_tokens < 1 or args.prompts < 1 or args.long < 1:
+        parser.error("--max-new-tokens, --prompts and --long must be >= 1")
     return args
 
 

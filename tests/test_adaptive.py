@@ -207,3 +207,12 @@ def test_each_method_adapts_only_its_own_mechanisms():
     assert speculative.gamma >= 2 and not speculative.uses_pool
     lookahead = adaptive_config(measurements, OuroborosConfig.preset("lookahead"))
     assert not lookahead.use_draft and lookahead.num_suffixes >= 1 and lookahead.adaptive
+
+
+def test_bad_adaptive_settings_are_refused():
+    with pytest.raises(TypeError, match="adaptive must be a bool"):
+        OuroborosConfig(adaptive="yes")
+    with pytest.raises(ValueError, match="decay must lie in"):
+        planner(decay=0.0)
+    with pytest.raises(ValueError, match="no candidate plan"):
+        planner(plans=[])

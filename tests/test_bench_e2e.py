@@ -168,3 +168,9 @@ def test_long_prompt_sets(bench, pair_dirs, tmp_path):
     assert bench.main(args) == 0
     text = (tmp_path / "e2e_cpu.md").read_text()
     assert bench.SET_TITLES["code256"] in text and "**MISMATCH**" not in text
+
+
+def test_bad_long_count_is_refused(bench, pair_dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(bench_args(pair_dirs, tmp_path, "--long", "0"))
+    assert "--long must be >= 1" in capsys.readouterr().err
