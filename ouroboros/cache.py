@@ -100,9 +100,12 @@ class _StaticKVLayer(CacheLayerMixin):
         owner = self.owner
         if owner.multi_device:
             owner._enter_group(self.group, self.layer_idx, key_states.device)
-        owner._write(self.group, self.keys, key_states)
-        owner._write(self.group, self.values, value_states)
-        return self.keys, self.values
+        live = owner.live
+        keys, values = (self.keys, self.values) if live == owner.batch_size else \
+            (self.keys[:live], self.values[:live])
+        owner._write(self.group, keys, key_states)
+        owner._write(self.group, values, value_states)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Reported so that transformers' SDPA mask builder skips the mask (see module doc).
@@ -140,8 +143,9 @@ class _DeviceGroup:
     start: int
     stop: int
     buffer: torch.Tensor  # [stop - start, 2, B, Hkv, S_max, D]
-    lengths: torch.Tensor  # int32[B] on device (the cache's own ``lengths`` on its device)
+    lengths: torch.Tensor  # int32[live] on device (the cache's own ``lengths`` on its device)
     positions: torch.Tensor  # arange(S_max) on device
+    all_lengths: torch.Tensor | None = None  # int32[B]: ``lengths`` is its first ``live``
 
 
 class StaticKVCache(Cache):
@@ -183,9 +187,11 @@ class StaticKVCache(Cache):
         if len(layer_devices) != num_layers:
             raise ValueError(f"layer_devices names {len(layer_devices)} devices for "
                              f"{num_layers} layers")
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self._all_lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.lengths = self._all_lengths
         self.device = self.lengths.device
         self.host_lengths = [0] * batch_size
+        self.live = batch_size  # sequences in use: rows [0, live) of the batch dimension
         self.groups: list[_DeviceGroup] = []
         plan = device_groups(layer_devices, max_group_layers)
         mirror_groups = mirror_groups and len(plan) > 1
@@ -196,7 +202,8 @@ class StaticKVCache(Cache):
                 else torch.zeros(batch_size, dtype=torch.int32, device=buffer.device)
             self.groups.append(_DeviceGroup(index, buffer.device, start, stop, buffer,
                                             lengths,
-                                            torch.arange(max_length, device=buffer.device)))
+                                            torch.arange(max_length, device=buffer.device),
+                                            lengths))
         self.buffers = [group.buffer for group in self.groups]
         self.buffer = self.buffers[0]
         # Several groups: one compaction each, the step's tensors per group (module doc).
@@ -366,60 +373,115 @@ class StaticKVCache(Cache):
                                        **dict.fromkeys(_STEP_CACHES)}}
         return step
 
-    def commit(self, num_pending: int, accepted_idx: torch.Tensor | None = None,
-               accepted_len: torch.Tensor | None = None, host_accepted_len: int = 0,
-               backend: str = "reference") -> None:
+    def commit(self, num_pending: int | list[int], accepted_idx: torch.Tensor | None = None,
+               accepted_len: torch.Tensor | None = None,
+               host_accepted_len: int | list[int] = 0, backend: str = "reference") -> None:
         """Keep the rows of the last forward's first ``num_pending`` tokens (a committed
         chain), then the accepted tree nodes' rows moved right behind them.
 
         Args:
-            num_pending: rows kept as written (batch-uniform).
-            accepted_idx: ``int32[B, A]`` accepted nodes, indices relative to the first row
-                after the pending ones (as returned by ``ouroboros_kernels.accept_greedy``
-                over the tree without the pending chain); None when nothing is accepted.
-            accepted_len: ``int32[B]``.
-            host_accepted_len: the same length as a Python int (batch 1), already read.
+            num_pending: rows kept as written: one count for every live sequence, or a list
+                of one count per live sequence.
+            accepted_idx: ``int32[live, A]`` accepted nodes, indices relative to the first row
+                after the sequence's pending ones (as returned by
+                ``ouroboros_kernels.accept_greedy`` over the tree without the pending chain);
+                None when nothing is accepted.
+            accepted_len: ``int32[live]``.
+            host_accepted_len: the same lengths on the host, already read: one int (batch
+                1, or the same for every sequence) or a list per sequence.
             backend: ``"triton"`` runs ``compact_kv`` (kernel), ``"reference"``
                 ``compact_kv_reference``.
         """
         self._step = None
-        if num_pending:
-            self.lengths += num_pending
-            self.host_lengths = [n + num_pending for n in self.host_lengths]
-        if accepted_idx is None or host_accepted_len == 0:
-            if num_pending and self.multi_device:
+        if isinstance(num_pending, int):
+            if num_pending:
+                self.lengths += num_pending
+                self.host_lengths = [n + num_pending for n in self.host_lengths]
+        elif any(num_pending):
+            self.host_lengths = [n + p for n, p in zip(self.host_lengths, num_pending,
+                                                       strict=True)]
+            self.lengths.copy_(torch.tensor(self.host_lengths, dtype=self.lengths.dtype),
+                               non_blocking=self.device.type == "cuda")
+        if isinstance(host_accepted_len, int):
+            host_accepted = [host_accepted_len] * self.live
+        else:
+            host_accepted = list(host_accepted_len)
+        if accepted_idx is None or not any(host_accepted):
+            if self.multi_device:
                 self._sync_lengths()
             return
         compact = ouroboros_kernels.compact_kv if backend == "triton" \
             else ouroboros_kernels.compact_kv_reference
         if not self.multi_device:
-            compact(self.buffer, self.lengths, accepted_idx, accepted_len)
+            compact(self._live_buffer(self.buffer), self.lengths, accepted_idx, accepted_len)
         else:
             self._sync_lengths()
             for group in self.groups:  # one launch per device group, on its device
                 guard = torch.cuda.device(group.device) if group.device.type == "cuda" \
                     else contextlib.nullcontext()
                 with guard:
-                    compact(group.buffer, group.lengths, _copy_to(accepted_idx, group.device),
+                    compact(self._live_buffer(group.buffer), group.lengths,
+                            _copy_to(accepted_idx, group.device),
                             _copy_to(accepted_len, group.device))
         self.lengths += accepted_len.to(self.lengths.dtype)
-        self.host_lengths = [n + host_accepted_len for n in self.host_lengths]
+        self.host_lengths = [n + a for n, a in zip(self.host_lengths, host_accepted,
+                                                   strict=True)]
         if self.multi_device:
             self._sync_lengths()
 
-    def truncate(self, length: int) -> None:
-        """Forget every row from ``length`` on (all sequences)."""
-        if length < 0 or length > self.max_length:
-            raise ValueError(f"length must lie in [0, {self.max_length}], got {length}")
+    def _live_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer if self.live == buffer.shape[2] else buffer[:, :, :self.live]
+
+    def truncate(self, length: int | list[int]) -> None:
+        """Forget every row from ``length`` on: one length for all live sequences, or a
+        list of one per live sequence."""
+        lengths = [length] * self.live if isinstance(length, int) else list(length)
+        if len(lengths) != self.live:
+            raise ValueError(f"truncate got {len(lengths)} lengths for {self.live} sequences")
+        for value in lengths:
+            if value < 0 or value > self.max_length:
+                raise ValueError(f"length must lie in [0, {self.max_length}], got {value}")
         self._step = None
+        if isinstance(length, int):
+            self.lengths.fill_(length)
+        else:
+            self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype),
+                               non_blocking=self.device.type == "cuda")
+        self.host_lengths = lengths
+        self._sync_lengths()
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only the live sequences ``rows`` (increasing indices), renumbered ``0 ..
+        len(rows) - 1``: their committed K/V rows move down the batch dimension (finished
+        sequences of a batch stop costing compute). `reset` brings back the full batch."""
+        if list(rows) != sorted(set(rows)) or (rows and not 0 <= rows[0] <= rows[-1] <
+                                               self.live):
+            raise ValueError(f"rows must be increasing indices in [0, {self.live}), got "
+                             f"{rows}")
+        self._step = None
+        for new, old in enumerate(rows):
+            if new != old:  # new < old: a source is never overwritten before it is read
+                count = self.host_lengths[old]
+                for buffer in self.buffers:
+                    buffer[:, :, new, :, :count].copy_(buffer[:, :, old, :, :count])
+        self._set_live([self.host_lengths[r] for r in rows])
+
+    def _set_live(self, lengths: list[int]) -> None:
+        self.live = len(lengths)
+        self.host_lengths = list(lengths)
+        self.lengths = self._all_lengths[:self.live]
+        if lengths:
+            self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype))
         for group in self.groups:
-            group.lengths.fill_(length)
-        self.lengths.fill_(length)
-        self.host_lengths = [length] * self.batch_size
+            if group.all_lengths is self._all_lengths:
+                group.lengths = self.lengths
+            else:
+                group.lengths = group.all_lengths[:self.live]
+        self._sync_lengths()
 
     def reset(self) -> None:
-        """Empty the cache (the buffer is kept)."""
-        self.truncate(0)
+        """Empty the cache, every sequence of the batch live again (the buffer is kept)."""
+        self._set_live([0] * self.batch_size)
 
     def __repr__(self) -> str:
         shapes = ", ".join("x".join(str(d) for d in buffer.shape) +

@@ -27,14 +27,15 @@ from ouroboros.attention import (
 from ouroboros.cache import StaticKVCache, cache_kwarg_name
 from ouroboros.config import OuroborosConfig
 from ouroboros.generate import (
+    BatchGenerationResult,
     GenerationResult,
     GenerationStats,
     JacobiWindow,
     LogitRules,
     ModelRunner,
+    Row,
     Session,
     StopRules,
-    insert_sequence_ngrams,
     run_generation,
 )
 from ouroboros.sampling import SamplingParams
@@ -102,30 +103,105 @@ def check_models(target: torch.nn.Module, draft: torch.nn.Module | None,
                              f"(draft {draft_ids[name]}, target {target_ids[name]})")
 
 
+def _integer_tensor(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got dtype {tensor.dtype}")
+
+
+def _token_list(tokens: object, name: str) -> list[int]:
+    if isinstance(tokens, torch.Tensor):
+        _integer_tensor(name, tokens)
+        if tokens.dim() != 1:
+            raise ValueError(f"{name} must be one sequence of token ids, got shape "
+                             f"{tuple(tokens.shape)}")
+        return tokens.tolist()
+    if not isinstance(tokens, Sequence) or isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{name} must be a list of ints (token ids), got "
+                        f"{type(tokens).__name__}")
+    tokens = list(tokens)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
+        raise TypeError(f"{name} as a sequence must hold ints (token ids)")
+    return tokens
+
+
 def _prompt_tokens(input_ids: object) -> list[int]:
+    """The one prompt of a single-sequence call."""
     if isinstance(input_ids, torch.Tensor):
-        if input_ids.is_floating_point() or input_ids.is_complex() or \
-                input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        _integer_tensor("input_ids", input_ids)
         if input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
-                raise ValueError(f"input_ids has batch size {input_ids.shape[0]}; this version "
-                                 "decodes one sequence at a time (batch size 1)")
+                raise ValueError(f"input_ids has batch size {input_ids.shape[0]}: pass it "
+                                 "with attention_mask= (or as a list of lists) for a batch")
             input_ids = input_ids[0]
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be [1, S] or [S], got shape "
                              f"{tuple(input_ids.shape)}")
         tokens = input_ids.tolist()
     elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
-        tokens = list(input_ids)
-        if any(isinstance(t, bool) or not isinstance(t, int) for t in tokens):
-            raise TypeError("input_ids as a sequence must hold ints (token ids)")
+        tokens = _token_list(input_ids, "input_ids")
     else:
         raise TypeError(f"input_ids must be a LongTensor [1, S] or a list of ints, got "
                         f"{type(input_ids).__name__}")
     if not tokens:
         raise ValueError("input_ids is empty: the prompt needs at least one token")
     return tokens
+
+
+def is_batch(input_ids: object, attention_mask: object) -> bool:
+    """Whether a call decodes a batch: a list of token lists, a 2-D tensor of more than one
+    row, or any 2-D tensor with an ``attention_mask``."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and (input_ids.shape[0] > 1 or attention_mask is not None)
+    if attention_mask is not None:
+        return True
+    return isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)) and \
+        len(input_ids) > 0 and all(isinstance(row, (Sequence, torch.Tensor)) and
+                                   not isinstance(row, (str, bytes)) for row in input_ids)
+
+
+def batch_prompts(input_ids: object, attention_mask: object) -> list[list[int]]:
+    """The prompts of a batch, without padding: ``input_ids int64[B, S]`` with
+    ``attention_mask [B, S]`` (1 = token, 0 = left padding; None: no padding), or a list
+    of B token lists. ValueError naming the argument for a mask of another shape, padding
+    that is not on the left, or a row with no tokens."""
+    if isinstance(input_ids, torch.Tensor):
+        _integer_tensor("input_ids", input_ids)
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids of a batch must be [B, S] with B >= 1, got shape "
+                             f"{tuple(input_ids.shape)}")
+        rows = input_ids.tolist()
+        if attention_mask is None:
+            masks = [[1] * len(row) for row in rows]
+        else:
+            if not isinstance(attention_mask, torch.Tensor):
+                attention_mask = torch.as_tensor(attention_mask)
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"input_ids {tuple(input_ids.shape)}: they must match")
+            masks = attention_mask.to(torch.int64).tolist()
+        prompts = []
+        for b, (row, mask) in enumerate(zip(rows, masks)):
+            if any(m not in (0, 1) for m in mask):
+                raise ValueError(f"attention_mask must hold 0 and 1, row {b} has "
+                                 f"{sorted(set(mask))}")
+            first = next((i for i, m in enumerate(mask) if m), None)
+            if first is None:
+                raise ValueError(f"attention_mask row {b} is all padding: row {b} has no "
+                                 f"tokens")
+            if not all(mask[first:]):
+                raise ValueError(f"attention_mask row {b} has padding after its first token; "
+                                 f"ouroboros takes left padding (padding_side='left', as "
+                                 f"transformers' generate)")
+            prompts.append(row[first:])
+        return prompts
+    if attention_mask is not None:
+        raise ValueError("attention_mask goes with input_ids as a [B, S] tensor; a list of "
+                         "token lists needs no mask")
+    prompts = [_token_list(row, f"input_ids row {b}") for b, row in enumerate(input_ids)]
+    for b, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"input_ids row {b} is empty: every prompt needs a token")
+    return prompts
 
 
 def _token_id(value: object, name: str) -> int:
@@ -331,13 +407,14 @@ class OuroborosDecoder:
         self._lock = threading.Lock()
         self._owner: int | None = None
 
-    def _check_memory(self, rows: dict[str, int]) -> None:
+    def _check_memory(self, rows: dict[str, int], batch_size: int = 1) -> None:
         """A clear error before allocating caches larger than the device's free memory;
-        ``rows``: cache rows per model name (``"target"``, ``"draft"``)."""
+        ``rows``: cache rows per sequence and model name (``"target"``, ``"draft"``)."""
         models = {"target": self.target, "draft": self.draft}
         needs: dict[torch.device, int] = {}  # per device (layers spread by a device_map)
         for name, count in rows.items():
-            for device, size in StaticKVCache.bytes_per_device(models[name], count).items():
+            for device, size in StaticKVCache.bytes_per_device(models[name], count,
+                                                                batch_size).items():
                 needs[device] = needs.get(device, 0) + size
         for device, need in needs.items():
             if device.type == "cuda":
@@ -347,6 +424,11 @@ class OuroborosDecoder:
                     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
                 except (ValueError, OSError, AttributeError):
                     continue
+            if need > available and batch_size > 1:
+                raise ValueError(f"a batch of {batch_size} sequences of up to {rows['target']} "
+                                 f"cache rows needs {need / 2**30:.1f} GiB of KV cache on "
+                                 f"{device}, more than the {available / 2**30:.1f} GiB "
+                                 f"available there; split the batch or lower max_new_tokens")
             if need > available:
                 raise ValueError(f"prompt + max_new_tokens ({rows['target']} cache rows) needs "
                                  f"{need / 2**30:.1f} GiB of KV cache on {device}, more than "
@@ -392,54 +474,78 @@ class OuroborosDecoder:
             return planner_for(self.config, self.measurements)
         return None
 
-    def _runner(self, name: str, model: torch.nn.Module, rows: int) -> ModelRunner:
+    def _runner(self, name: str, model: torch.nn.Module, rows: int,
+                batch_size: int = 1) -> ModelRunner:
         parameter = next(model.parameters())
         cache = self._caches.get(name)
-        if cache is None or not cache.fits(1, rows, parameter.dtype, parameter.device):
-            cache = StaticKVCache.for_model(model, rows)
+        if cache is None or not cache.fits(batch_size, rows, parameter.dtype,
+                                           parameter.device):
+            self._caches.pop(name, None)  # free the old buffers before allocating new ones
+            cache = StaticKVCache.for_model(model, rows, batch_size)
             self._caches[name] = cache
         cache.reset()
         return ModelRunner(model, cache, cache_kwarg_name(model), self.backend)
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128, *,
+    def generate(self, input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+                 max_new_tokens: int = 128, *, attention_mask: torch.Tensor | None = None,
+                 pad_token_id: int | None = None,
                  do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, generator: torch.Generator | None = None,
+                 seed: int | Sequence[int] | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
                  eos_token_id: int | Sequence[int] | None = None,
-                 stop: Callable[[list[int]], bool] | None = None,
-                 streamer: Callable[[list[int]], None] | object | None = None,
+                 stop: Callable | None = None,
+                 streamer: Callable | object | None = None,
                  ignore_generation_config: bool = False,
-                 ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
+                 ) -> GenerationResult | BatchGenerationResult:
+        """Generate up to ``max_new_tokens`` tokens after ``input_ids``: one sequence, or a
+        batch whose every row is decoded exactly as it would be alone.
 
         Args:
-            input_ids: ``int64[1, S]`` (or ``[S]``, or a list of ints), S >= 1.
-            max_new_tokens: >= 1; never exceeded, even when one step accepts many tokens.
+            input_ids: one prompt: ``int64[1, S]`` (or ``[S]``, or a list of ints), S >= 1;
+                or a batch: ``int64[B, S]`` left-padded with an ``attention_mask``, or a
+                list of B token lists of any lengths.
+            max_new_tokens: >= 1 per row; never exceeded, even when one step accepts many
+                tokens.
+            attention_mask: ``[B, S]``, 1 for a token, 0 for left padding (as transformers'
+                ``generate`` takes it); given, the call is a batch.
+            pad_token_id: the padding of a batch's ``sequences`` (default: the target's
+                generation config's, else its config's, else the first EOS id, else 0).
             do_sample, temperature, top_k, top_p: greedy by default (identical to
                 ``target.generate(do_sample=False)``); with ``do_sample=True`` (or a
                 temperature > 0) tokens are drawn from the target's processed distribution.
             seed / generator: randomness of sampling: a ``torch.Generator`` (any device),
                 or a seed for a new one (neither: a nondeterministic seed). One uniform per
                 output position is drawn up front, so a seed gives the same text with every
-                method (see `ouroboros.sampling`).
+                method (see `ouroboros.sampling`). A batch takes one seed (every row draws
+                from a generator of that seed: a row's text is its text decoded alone with
+                that seed), a list of B seeds, one generator (the rows draw from it in row
+                order) or a list of B generators.
             eos_token_id: id or ids ending generation (emitted, then stop); None: the
                 target's generation config. ``[]`` disables it.
-            stop: ``stop(new_tokens: list[int]) -> bool`` called after every emitted token;
-                True ends generation after that token.
+            stop: ``stop(new_tokens: list[int]) -> bool`` called after every emitted token
+                (a batch: ``stop(row, new_tokens)``); True ends that row after that token.
             streamer: called with each accepted chunk (``list[int]``) as soon as it is
-                committed; an object with ``put``/``end`` (transformers' streamers) gets
-                ``put(LongTensor chunk)`` and ``end()``.
+                committed (a batch: ``streamer(row, chunk)``); for one sequence, an object
+                with ``put``/``end`` (transformers' streamers) gets ``put(LongTensor
+                chunk)`` and ``end()``.
             ignore_generation_config: decode without the target's generation-config
                 settings that the engine does not apply (see `generation_rules`); by
                 default they raise a ValueError naming them.
+
+        Context: one prompt whose ``S + max_new_tokens`` exceeds the model's
+        ``max_position_embeddings`` raises a ValueError; in a batch such a row ends alone
+        when it reaches the context (``finish_reason == "context"``), the others go on.
 
         One decoder runs one ``generate`` at a time: a call from another thread waits for
         the running one (the pool and the caches are the decoder's); a call from inside a
         streamer or ``stop`` callback of the same decoder raises a RuntimeError.
 
         Returns:
-            `GenerationResult` with ``sequences: int64[1, S + new]`` and ``stats``.
+            one prompt: `GenerationResult` with ``sequences: int64[1, S + new]`` and
+            ``stats``; a batch: `BatchGenerationResult` (``sequences: int64[B, S + N]``
+            padded, ``new_tokens`` per row, ``rows`` as decoded alone, total ``stats``).
         """
         if self._owner == threading.get_ident():
             raise RuntimeError("OuroborosDecoder.generate was called again from inside its own "
@@ -452,102 +558,227 @@ class OuroborosDecoder:
                     stack.enter_context(ouroboros_attention(self.target, force=force))
                     if self.draft is not None:
                         stack.enter_context(ouroboros_attention(self.draft, force=force))
-                    return self._generate(input_ids, max_new_tokens, do_sample, temperature,
-                                          top_k, top_p, seed, generator, eos_token_id, stop,
-                                          streamer, ignore_generation_config)
+                    return self._generate(
+                        input_ids, max_new_tokens, attention_mask, pad_token_id, do_sample,
+                        temperature, top_k, top_p, seed, generator, eos_token_id, stop,
+                        streamer, ignore_generation_config)
             finally:
                 self._owner = None
 
-    def _generate(self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed,
-                  generator, eos_token_id, stop, streamer,
-                  ignore_generation_config) -> GenerationResult:
+    def _context_limit(self) -> int | None:
+        limits = [getattr(model.config, "max_position_embeddings", None)
+                  for model in (self.target, self.draft) if model is not None]
+        limits = [limit for limit in limits if limit is not None]
+        return min(limits) if limits else None
+
+    def _pad_id(self, pad_token_id: object, eos: frozenset) -> int:
+        if pad_token_id is None:
+            for source in (getattr(self.target, "generation_config", None), self.target.config):
+                value = getattr(source, "pad_token_id", None) if source is not None else None
+                if isinstance(value, (list, tuple)):
+                    value = value[0] if value else None
+                if value is not None:
+                    pad_token_id = value
+                    break
+        if pad_token_id is None:
+            pad_token_id = min(eos) if eos else 0
+        pad_token_id = _token_id(pad_token_id, "pad_token_id")
+        if not 0 <= pad_token_id < self.target.config.vocab_size:
+            raise ValueError(f"pad_token_id must lie in [0, {self.target.config.vocab_size}), "
+                             f"got {pad_token_id}")
+        return pad_token_id
+
+    def _generators(self, count: int, seed: object, generator: object) -> list:
+        """One generator per row (sampling)."""
+        if generator is not None:
+            if isinstance(generator, torch.Generator):
+                return [generator] * count
+            if not isinstance(generator, Sequence) or \
+                    any(not isinstance(g, torch.Generator) for g in generator):
+                raise TypeError(f"generator must be a torch.Generator, a list of them or "
+                                f"None, got {type(generator).__name__}")
+            if len(generator) != count:
+                raise ValueError(f"generator lists {len(generator)} generators for a batch "
+                                 f"of {count}")
+            return list(generator)
+        if seed is None or isinstance(seed, int):
+            seeds = [seed] * count
+        elif isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)):
+            seeds = list(seed)
+            if len(seeds) != count:
+                raise ValueError(f"seed lists {len(seeds)} seeds for a batch of {count}")
+        else:
+            raise TypeError(f"seed must be an int, a list of ints or None, got {seed!r}")
+        generators = []
+        for value in seeds:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"seed must be an int, a list of ints or None, got {value!r}")
+            made = torch.Generator(device=self.device)
+            if value is None:
+                made.seed()
+            else:
+                made.manual_seed(value)
+            generators.append(made)
+        return generators
+
+    def _generate(self, input_ids, max_new_tokens, attention_mask, pad_token_id, do_sample,
+                  temperature, top_k, top_p, seed, generator, eos_token_id, stop, streamer,
+                  ignore_generation_config) -> GenerationResult | BatchGenerationResult:
         config = self.config
-        prompt = _prompt_tokens(input_ids)
+        batch = is_batch(input_ids, attention_mask)
+        prompts = batch_prompts(input_ids, attention_mask) if batch \
+            else [_prompt_tokens(input_ids)]
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
                 max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         vocab = self.target.config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got "
-                             f"values in [{min(prompt)}, {max(prompt)}]")
-        for name, model in (("target", self.target), ("draft", self.draft)):
-            limit = getattr(model.config, "max_position_embeddings", None) if model else None
-            if limit is not None and len(prompt) + max_new_tokens > limit:
-                raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens "
-                                 f"({max_new_tokens}) exceeds the {name}'s context of "
-                                 f"{limit} tokens")
+        for b, prompt in enumerate(prompts):
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                where = f"input_ids row {b}" if batch else "input_ids"
+                raise ValueError(f"{where} must lie in [0, {vocab}) (the vocabulary), got "
+                                 f"values in [{min(prompt)}, {max(prompt)}]")
+        limit = self._context_limit()
+        if not batch:
+            for name, model in (("target", self.target), ("draft", self.draft)):
+                model_limit = getattr(model.config, "max_position_embeddings", None) \
+                    if model else None
+                if model_limit is not None and len(prompts[0]) + max_new_tokens > model_limit:
+                    raise ValueError(f"prompt ({len(prompts[0])} tokens) + max_new_tokens "
+                                     f"({max_new_tokens}) exceeds the {name}'s context of "
+                                     f"{model_limit} tokens")
+        # Per row: new tokens it may produce (a batch row ends at the context).
+        rooms = [max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompt))
+                 for prompt in prompts]
         sampling = SamplingParams.from_arguments(do_sample, temperature, top_k, top_p)
         if sampling.do_sample:
             sampling = sampling_from_generation_config(
                 self.target, sampling, temperature, top_k, top_p, ignore_generation_config)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {seed!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got "
-                            f"{type(generator).__name__}")
+        if not batch:
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise TypeError(f"seed must be an int or None, got {seed!r}")
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got "
+                                f"{type(generator).__name__}")
+        generators = self._generators(len(prompts), seed, generator) if sampling.do_sample \
+            else None
+        if batch and (seed is not None or generator is not None) and not sampling.do_sample:
+            self._generators(len(prompts), seed, generator)  # still check the arguments
         eos = _eos_ids(self.target, eos_token_id)
-        rules = generation_rules(self.target, len(prompt), eos, ignore_generation_config)
+        pad = self._pad_id(pad_token_id, eos) if batch else None
+        if stop is not None and not callable(stop):
+            raise TypeError(f"stop must be callable, got {type(stop).__name__}")
+        if streamer is not None and hasattr(streamer, "put"):
+            if batch:
+                raise TypeError("streamer: an object with put()/end() (a transformers "
+                                "streamer) streams one sequence; for a batch pass a callable "
+                                "streamer(row, chunk)")
+        elif streamer is not None and not callable(streamer):
+            raise TypeError("streamer must be callable or have put()/end() methods")
+        live = [b for b, room in enumerate(rooms) if room >= 1]
+        longest = max((len(prompts[b]) + rooms[b] for b in live), default=0)
         for name, model in (("target", self.target), ("draft", self.draft)):
             if model is not None:
-                check_features(model, name, len(prompt) + max_new_tokens)
-        total = len(prompt) + max_new_tokens + config.cache_margin
+                check_features(model, name, longest)
+        total = longest + config.cache_margin
         rows = {"target": total + config.largest_target_tree}
         if self.draft is not None:
             rows["draft"] = total + config.gamma + config.largest_draft_tree
-        self._check_memory(rows)
-        uniforms = None
-        if sampling.do_sample:
-            if generator is None:
-                generator = torch.Generator(device=self.device)
-                if seed is not None:
-                    generator.manual_seed(seed)
-                else:
-                    generator.seed()
-            uniforms = torch.rand(max_new_tokens + config.largest_target_tree + 1,
-                                  generator=generator, dtype=torch.float64,
-                                  device=generator.device).to(self.device)
-        if stop is not None and not callable(stop):
-            raise TypeError(f"stop must be callable, got {type(stop).__name__}")
-        stop_rules = StopRules(max_new_tokens, eos, stop)
+        self._check_memory(rows, max(len(live), 1))
 
-        target = self._runner("target", self.target, rows["target"])
-        draft = self._runner("draft", self.draft, rows["draft"]) if self.draft is not None \
-            else None
+        session_rows = []
+        for b, prompt in enumerate(prompts):
+            row_stop = stop
+            if stop is not None and batch:
+                def row_stop(new_tokens, _b=b):
+                    return stop(_b, new_tokens)
+            row = Row(index=b, tokens=list(prompt), prompt_length=len(prompt),
+                      max_new_tokens=max(rooms[b], 0),
+                      stop_rules=StopRules(max(rooms[b], 0), eos, row_stop),
+                      stats=GenerationStats(),
+                      rules=generation_rules(self.target, len(prompt), eos,
+                                             ignore_generation_config),
+                      context_limited=rooms[b] < max_new_tokens)
+            if rooms[b] < 1:
+                row.done = True
+                row.stats.finish_reason = "context"
+            session_rows.append(row)
+        if generators is not None:
+            size = max_new_tokens + config.largest_target_tree + 1
+            for row, made in zip(session_rows, generators):
+                row.uniforms = torch.rand(size, generator=made, dtype=torch.float64,
+                                          device=made.device).to(self.device)
+        if live:
+            target = self._runner("target", self.target, rows["target"], len(live))
+            draft = self._runner("draft", self.draft, rows["draft"], len(live)) \
+                if self.draft is not None else None
+        else:
+            target = draft = None
         if self.pool is not None and not config.warm_start:
             self.pool.clear()
         session = Session(config=config, target=target, draft=draft, pool=self.pool,
-                          sampling=sampling, uniforms=uniforms, tokens=list(prompt),
-                          prompt_length=len(prompt), max_new_tokens=max_new_tokens,
-                          stats=GenerationStats(), rules=rules)
-        session.planner = self._planner()
-        if self.pool is not None and config.seed_pool_from_prompt:
-            session.stats.prompt_ngrams = insert_sequence_ngrams(session, prompt)
-        if config.window:
-            window = JacobiWindow.from_prompt(prompt, config.phrase_len, config.window_size,
-                                              config.window_seed)
-            if draft is not None:
-                session.draft_window = window
-            else:
-                session.target_window = window
+                          sampling=sampling, rows=session_rows)
+        for row in session_rows:
+            if row.done:
+                continue
+            row.planner = self._planner()
+            if self.pool is not None and config.seed_pool_from_prompt:
+                row.stats.prompt_ngrams = session.insert_sequence_ngrams(row.tokens)
+            if config.window:
+                window = JacobiWindow.from_prompt(row.tokens, config.phrase_len,
+                                                  config.window_size, config.window_seed)
+                if draft is not None:
+                    row.draft_window = window
+                else:
+                    row.target_window = window
 
-        callback = streamer
-        if streamer is not None and hasattr(streamer, "put"):
-            def callback(chunk: list[int]) -> None:
+        callback = None
+        if streamer is not None and batch:
+            callback = streamer
+        elif streamer is not None and hasattr(streamer, "put"):
+            def callback(_row: int, chunk: list[int]) -> None:
                 streamer.put(torch.tensor(chunk, dtype=torch.int64))
-        elif streamer is not None and not callable(streamer):
-            raise TypeError("streamer must be callable or have put()/end() methods")
-        result = run_generation(session, len(prompt), stop_rules, callback)
-        distributed.check_ranks_agree(self.target, session.tokens)  # tensor parallel only
+        elif streamer is not None:
+            def callback(_row: int, chunk: list[int]) -> None:
+                streamer(chunk)
+        if live:
+            run_generation(session, callback)
+        else:  # every row was at the end of the context already
+            for row in session_rows:
+                session.stats.add(row.stats)
+        distributed.check_ranks_agree(  # tensor parallel only
+            self.target, [t for row in session_rows for t in row.tokens])
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()
-        return result
+        results = [GenerationResult(torch.tensor([row.tokens], dtype=torch.int64,
+                                                 device=self.device),
+                                    row.prompt_length, row.stats) for row in session_rows]
+        if not batch:
+            return results[0]
+        return self._batch_result(input_ids, prompts, session, results, pad)
+
+    def _batch_result(self, input_ids, prompts: list[list[int]], session: Session,
+                      results: list[GenerationResult], pad: int) -> BatchGenerationResult:
+        new_tokens = [row.generated for row in session.rows]
+        widest = max(len(tokens) for tokens in new_tokens)
+        if isinstance(input_ids, torch.Tensor):
+            head = input_ids.to(device=self.device, dtype=torch.int64)
+        else:
+            width = max(len(prompt) for prompt in prompts)
+            head = torch.tensor([[pad] * (width - len(prompt)) + prompt for prompt in prompts],
+                                dtype=torch.int64, device=self.device)
+        tail = torch.tensor([tokens + [pad] * (widest - len(tokens)) for tokens in new_tokens],
+                            dtype=torch.int64, device=self.device).reshape(len(prompts), widest)
+        return BatchGenerationResult(torch.cat([head, tail], dim=1), new_tokens, results,
+                                     session.stats, [len(prompt) for prompt in prompts], pad)
 
 
 def generate(target: torch.nn.Module, draft: torch.nn.Module | None,
-             input_ids: torch.Tensor | Sequence[int], max_new_tokens: int = 128,
-             config: OuroborosConfig | str | None = None, **kwargs) -> GenerationResult:
+             input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+             max_new_tokens: int = 128, config: OuroborosConfig | str | None = None,
+             **kwargs) -> GenerationResult | BatchGenerationResult:
     """Generate with a fresh `OuroborosDecoder` (cold pool; ``config=None``: the tuned,
-    adaptive default, measured once per device and pair and cached); ``kwargs`` as in
-    `OuroborosDecoder.generate` (sampling, eos_token_id, stop, streamer, seed)."""
+    adaptive default, measured once per device and pair and cached); one prompt or a batch,
+    ``kwargs`` as in `OuroborosDecoder.generate` (attention_mask, sampling, eos_token_id,
+    stop, streamer, seed)."""
     decoder = OuroborosDecoder(target, draft, config)
     return decoder.generate(input_ids, max_new_tokens, **kwargs)

@@ -1,27 +1,37 @@
-"""The decoding loop: greedy, speculative, lookahead and Ouroboros on one code path.
+"""The decoding loop: greedy, speculative, lookahead and Ouroboros on one code path, for one
+sequence or a batch.
 
-One step of Ouroboros (docs/architecture.md §2), as `decode_step` runs it:
+One step of Ouroboros (docs/architecture.md §2), as `decode_step` runs it over the live
+rows of a batch (each row its own sequence, plan, tree and stop rules):
 
-1. `draft_phase`: the draft model extends the committed text by γ tokens, phrase by
-   phrase: each draft pass feeds the pending tokens, the pool phrases keyed by the current
-   last token and (optionally) a Jacobi window; `accept` keeps the longest phrase the draft
-   agrees with plus the draft's own next token. The draft text is the draft's greedy text.
-2. `build_verification_tree`: pending token -> draft chain -> K pool suffixes keyed by the
-   last draft token (trie-merged, so identical paths are verified once) [+ pool phrases
-   keyed by the last committed token beside the draft, + the target's Jacobi window in
-   lookahead decoding].
-3. `forward_tree` on the target: one pass over the whole tree; `choose_tokens` gives the
-   target's choice (argmax or sample) after every node.
-4. `accept`: the deepest node whose path is all correct, plus the target's bonus token.
-5. `update_pool`: refinement of the verified suffixes, inspiration from the rejected tail,
-   window n-grams, n-grams of the committed text.
+1. `draft_phase`: the draft model extends each row's committed text by γ tokens, phrase by
+   phrase: each draft pass feeds every row's pending tokens, the pool phrases keyed by its
+   current last token and (optionally) a Jacobi window; `accept` keeps the longest phrase
+   the draft agrees with plus the draft's own next token. The draft text is the draft's
+   greedy text.
+2. `ouroboros.policy.verification_tree`: pending token -> draft chain -> K pool suffixes
+   keyed by the last draft token (trie-merged, so identical paths are verified once) [+ pool
+   phrases keyed by the last committed token beside the draft, + the target's Jacobi window
+   in lookahead decoding].
+3. `forward_rows` on the target: one pass over every row's tree (`choose_tokens` gives the
+   target's choice, argmax or sample, after every node).
+4. `accept_rows`: per row, the deepest node whose path is all correct, plus the target's
+   bonus token.
+5. `ouroboros.policy.pool_update`: refinement of the verified suffixes, inspiration from the
+   rejected tail, window n-grams, n-grams of the committed text; written in row order.
 6. `compact_caches`: the accepted rows move into place in the target's static cache (one
-   ``compact_kv`` over all layers), the draft's cache is rolled back to what is still valid.
+   ``compact_kv`` over all layers and rows), the draft's cache is rolled back to what is
+   still valid.
 
 Plain speculative decoding is that step with token-by-token drafting and no pool, lookahead
 decoding is that step without a draft model (γ = 0, a window in the target), greedy decoding
 is that step with an empty tree. Every variant is exact: a token is emitted only when the
 target chose it in exactly that context.
+
+Batches (docs/architecture.md §8): a forward pass packs each row as ``[pending, tree,
+padding]`` behind that row's own committed length in the static cache; padding tokens see
+only themselves and are never committed. A row that ends leaves the batch (`StaticKVCache.
+keep_rows`), so finished rows stop costing compute.
 """
 
 from __future__ import annotations
@@ -36,14 +46,29 @@ import ouroboros_kernels
 from ouroboros.adaptive import StepObservation, StepPlan, fixed_plan
 from ouroboros.cache import StaticKVCache
 from ouroboros.config import OuroborosConfig
+from ouroboros.policy import (
+    JacobiWindow,
+    TokenTree,
+    VerificationTree,
+    apply_pool_updates,
+    draft_pass_tree,
+    lookup_phrases,
+    pool_update,
+    sequence_ngrams,
+    suffix_key,
+    verification_tree,
+)
 from ouroboros.sampling import SamplingParams, choose_tokens
 
 __all__ = [
+    "BatchGenerationResult",
     "GenerationResult",
     "GenerationStats",
     "JacobiWindow",
     "LogitRules",
     "ModelRunner",
+    "Row",
+    "Session",
     "TokenTree",
     "run_generation",
 ]
@@ -71,6 +96,12 @@ class GenerationStats:
     acceptance), pool operations, and the rest; ``time_prefill`` is the part of the total
     spent prefilling the prompt into both caches (the draft's share also counts as draft
     time), so ``time_total - time_prefill`` is the decoding phase.
+
+    In a batch (`BatchGenerationResult`) every row has its own counters (the passes it took
+    part in, its tokens and pool traffic); its times are those of the whole batch until the
+    row ended (``time_total``: when its last token came). ``finish_reason``: ``"eos"``,
+    ``"length"`` (``max_new_tokens``), ``"stop"`` (the stop callback) or ``"context"`` (the
+    row reached the model's context in a batch, where it ends alone).
     """
 
     new_tokens: int = 0
@@ -89,6 +120,7 @@ class GenerationStats:
     refinements: int = 0
     root_phrase_tokens: int = 0
     shapes: dict[str, int] = field(default_factory=dict)
+    finish_reason: str = ""
     time_draft: float = 0.0
     time_verify: float = 0.0
     time_pool: float = 0.0
@@ -122,6 +154,16 @@ class GenerationStats:
                 f"time draft {self.time_draft:.2f} s, verify {self.time_verify:.2f} s, "
                 f"pool {self.time_pool:.2f} s, other {self.time_other:.2f} s")
 
+    def add(self, other: GenerationStats) -> None:
+        """Add ``other``'s token and pool counters (not passes or times) to these."""
+        for name in ("new_tokens", "draft_tokens", "accepted_draft_tokens", "suffix_tokens",
+                     "window_tokens", "draft_phrase_tokens", "prompt_ngrams", "output_ngrams",
+                     "inspiration_ngrams", "window_ngrams", "refinements",
+                     "root_phrase_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for label, count in other.shapes.items():
+            self.shapes[label] = self.shapes.get(label, 0) + count
+
 
 @dataclass
 class GenerationResult:
@@ -136,6 +178,40 @@ class GenerationResult:
     def new_tokens(self) -> torch.Tensor:
         """``int64[new]``: the generated tokens only."""
         return self.sequences[0, self.prompt_length:]
+
+
+@dataclass
+class BatchGenerationResult:
+    """Output of ``generate`` for a batch of B prompts.
+
+    Attributes:
+        sequences: ``int64[B, S + N]``: the input as given (a tensor with its left padding;
+            lists left-padded with ``pad_token_id`` to the longest prompt), then each row's
+            new tokens, right-padded with ``pad_token_id`` after the row ended; N is the
+            longest row's count of new tokens.
+        new_tokens: row b's generated tokens (``list[int]``, unpadded).
+        rows: row b as if decoded alone: a `GenerationResult` with its own ``sequences
+            [1, S_b + n_b]``, ``prompt_length`` and `GenerationStats`.
+        stats: totals of the batch: tokens and pool traffic summed over rows; passes are
+            batched forward passes; times are wall times of the call.
+        prompt_lengths: ``S_b``, tokens of each prompt without padding.
+        pad_token_id: the id the padding uses.
+    """
+
+    sequences: torch.Tensor
+    new_tokens: list[list[int]]
+    rows: list[GenerationResult]
+    stats: GenerationStats
+    prompt_lengths: list[int]
+    pad_token_id: int
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """Why each row ended (`GenerationStats.finish_reason`)."""
+        return [row.stats.finish_reason for row in self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 class _Timer:
@@ -158,105 +234,6 @@ class _Timer:
         setattr(self.stats, self.name, getattr(self.stats, self.name) + elapsed - self.nested)
 
 
-# ============================================================================ trees
-
-
-@dataclass
-class TokenTree:
-    """Tree nodes hanging from the end of the pending chain (parent -1), built as a trie:
-    a token under a parent that already has a child with that token reuses that child, so
-    identical paths are verified once and siblings always carry distinct tokens."""
-
-    tokens: list[int] = field(default_factory=list)
-    parents: list[int] = field(default_factory=list)
-    depths: list[int] = field(default_factory=list)  # roots (children of the end): 0
-    _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def add_path(self, parent: int, path: Sequence[int]) -> list[int]:
-        """Hang ``path`` under node ``parent`` (-1: the pending end); returns its nodes."""
-        nodes = []
-        for token in path:
-            node = self._children.get((parent, token))
-            if node is None:
-                node = len(self.tokens)
-                self.tokens.append(token)
-                self.parents.append(parent)
-                self.depths.append(self.depths[parent] + 1 if parent >= 0 else 0)
-                self._children[(parent, token)] = node
-            nodes.append(node)
-            parent = node
-        return nodes
-
-
-# ============================================================================ the window
-
-
-class JacobiWindow:
-    """The lookahead branch of lookahead decoding (Fu et al., 2024), as tree nodes.
-
-    ``rows[j][c]`` (L rows, ``size`` columns) is a guess of the token ``c + j + 1`` places
-    after the current last token. Row 0 is a chain (each column sees the columns before it),
-    and row j of column c hangs from row j - 1 of column c: every node sees exactly the
-    guesses before it along its column's diagonal, so the window is an ordinary token tree
-    and needs no special mask (and a row-0 chain the model agrees with is even accepted).
-
-    After each pass, column c yields the n-gram ``rows[0][c], ..., rows[L-1][c], out[c]``
-    (``out``: the model's choice after the last row) for the pool; the rows then shift up
-    by one level and the outputs become the new last row (the next Jacobi iterate).
-    """
-
-    def __init__(self, rows: list[list[int]]) -> None:
-        self.rows = rows
-
-    @classmethod
-    def from_prompt(cls, prompt: Sequence[int], num_rows: int, size: int,
-                    seed: int) -> JacobiWindow:
-        """Initial guesses drawn (seeded) from the prompt's tokens."""
-        generator = torch.Generator().manual_seed(seed)
-        picks = torch.randint(len(prompt), (num_rows, size), generator=generator).tolist()
-        return cls([[prompt[i] for i in row] for row in picks])
-
-    @property
-    def depth(self) -> int:
-        """Tree levels the window spans below its parent (row j of column c: level c + j)."""
-        return len(self.rows[0]) + len(self.rows) - 1
-
-    def attach(self, tree: TokenTree, parent: int,
-               levels: int | None = None) -> list[list[int]] | None:
-        """Add the window under ``parent``; returns the node of every cell ``[row][col]``.
-
-        With ``levels`` (tree levels available below ``parent``) only the cells of level
-        < ``levels`` are added (cell ``[j][c]`` is at level ``c + j``), and when that cuts
-        any cell None is returned: the partial window is verified (its accepted tokens
-        count) but gives no n-grams and does not advance.
-        """
-        if levels is not None and levels < self.depth:
-            nodes = [tree.add_path(parent, self.rows[0][:max(levels, 0)])]
-            for j, row in enumerate(self.rows[1:], start=1):
-                nodes.append([tree.add_path(above, [token])[0]
-                              for c, (above, token) in enumerate(zip(nodes[-1], row))
-                              if c + j < levels])
-            return None
-        first = tree.add_path(parent, self.rows[0])
-        nodes = [first]
-        for row in self.rows[1:]:
-            nodes.append([tree.add_path(above, [token])[0]
-                          for above, token in zip(nodes[-1], row, strict=True)])
-        return nodes
-
-    def advance(self, nodes: list[list[int]],
-                choice_after: Callable[[int], int]) -> list[list[int]]:
-        """Take the pass's outputs; return the n-grams (``[key, phrase...]`` lists) and shift
-        the rows. ``choice_after(node)`` is the model's choice after a node."""
-        outputs = [choice_after(node) for node in nodes[-1]]
-        ngrams = [[row[c] for row in self.rows] + [outputs[c]] for c in range(len(outputs))]
-        self.rows = self.rows[1:] + [outputs]
-        return ngrams
-
-
 # ============================================================================ model passes
 
 
@@ -271,54 +248,129 @@ class ModelRunner:
 
     @property
     def length(self) -> int:
-        """Committed rows in the cache (batch 1)."""
+        """Committed rows in the cache of the first sequence (batch 1: the only one)."""
         return self.cache.host_lengths[0]
 
 
+def _call(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor,
+          tree_mask: torch.Tensor | None, causal: bool, keep: int) -> torch.Tensor:
+    """One forward of ``input_ids [R, T]`` behind the cache's committed rows; the logits of
+    the last ``keep`` columns ``[R, keep, V]``."""
+    step = runner.cache.tree_step(input_ids.shape[1], tree_mask, causal, runner.backend)
+    with runner.cache.forward_context():  # layers on several GPUs: restores the current one
+        output = runner.model(input_ids=input_ids, position_ids=positions, use_cache=True,
+                              logits_to_keep=keep, ouroboros_tree=step,
+                              **{runner.cache_kwarg: runner.cache})
+    return output.logits
+
+
 def forward_tree(runner: ModelRunner, pending: Sequence[int], tree: TokenTree) -> torch.Tensor:
-    """One forward pass over ``pending`` (committed tokens not yet in the cache, a chain,
-    at least one) followed by ``tree`` (hanging from the last pending token).
+    """One forward pass of a batch-1 cache over ``pending`` (committed tokens not yet in the
+    cache, a chain, at least one) followed by ``tree`` (hanging from the last pending token).
 
     Returns the logits ``[len(tree) + 1, V]`` after the last pending token (row 0) and after
     every tree node (row 1 + i). The K/V of all fed tokens are written behind the cache's
     committed rows; `ModelRunner.cache.commit` decides what stays.
     """
-    num_pending = len(pending)
-    tokens = list(pending) + tree.tokens
-    parents = list(range(-1, num_pending - 1)) + [
-        p + num_pending if p >= 0 else num_pending - 1 for p in tree.parents]
-    device = runner.cache.device
-    start = runner.length
-    input_ids = torch.tensor([tokens], dtype=torch.int64, device=device)
-    is_chain = all(p == i - 1 for i, p in enumerate(parents))
-    if is_chain:
+    return forward_rows(runner, [(pending, tree)])[0]
+
+
+def forward_rows(runner: ModelRunner, items: Sequence[tuple[Sequence[int], TokenTree]],
+                 logits: bool = True) -> torch.Tensor | None:
+    """One forward pass over every live sequence of the runner's cache: ``items[b] =
+    (pending_b, tree_b)`` (pending: committed tokens not yet cached, a chain; the tree hangs
+    from its last token; a row with nothing to feed gives ``([], TokenTree())``).
+
+    Layout: row b is ``[pending_b, tree_b, padding]``, T columns (the longest row). Padding
+    tokens are roots that see only the committed prefix and themselves, at the row's first
+    position; their K/V are written but never committed. When every row is a chain the pass
+    is causal (no mask).
+
+    Returns ``[R, 1 + t_max, V]``: row b's logits after its last pending token (index 0) and
+    after each of its tree nodes (index 1 + i; past ``len(tree_b)``: meaningless), or None
+    with ``logits=False`` (a prefill).
+    """
+    cache = runner.cache
+    device = cache.device
+    starts = cache.host_lengths
+    counts = [len(pending) for pending, _ in items]
+    sizes = [len(tree) for _, tree in items]
+    if len(items) != cache.live:
+        raise ValueError(f"forward_rows got {len(items)} rows for {cache.live} live sequences")
+    width = max(n + t for n, t in zip(counts, sizes))
+    num_out = max(sizes) + 1
+    fed = [n for n in counts if n]
+    if not fed:
+        raise ValueError("forward_rows: no row has a token to feed")
+    keep = 1 if not logits else width - min(fed) + 1
+    chain = all(tree.is_chain for _, tree in items)
+    if len(items) == 1:  # batch 1: no padding
+        (pending, tree), start = items[0], starts[0]
+        input_ids = torch.tensor([list(pending) + tree.tokens], dtype=torch.int64,
+                                 device=device)
+        if chain:
+            tree_mask = None
+            positions = torch.arange(start, start + width, device=device)[None]
+        else:
+            parents = list(range(-1, counts[0] - 1)) + [
+                p + counts[0] if p >= 0 else counts[0] - 1 for p in tree.parents]
+            tree_mask, depths = ouroboros_kernels.build_tree(
+                torch.tensor(parents, dtype=torch.int32, device=device))
+            tree_mask = tree_mask[None]
+            positions = (depths.to(torch.int64) + start)[None]
+        out = _call(runner, input_ids, positions, tree_mask, chain, keep)
+        return out if logits else None
+    tokens, parents, positions = [], [], []
+    for (pending, tree), n, start in zip(items, counts, starts):
+        row = list(pending) + tree.tokens
+        pad = width - len(row)
+        tokens.append(row + [0] * pad)
+        if chain:  # padding after the chain, at the row's first position
+            positions.append(list(range(start, start + len(row))) + [start] * pad)
+        else:
+            parents.append(list(range(-1, n - 1)) +
+                           [p + n if p >= 0 else n - 1 for p in tree.parents] + [-1] * pad)
+    input_ids = torch.tensor(tokens, dtype=torch.int64, device=device)
+    if chain:
         tree_mask = None
-        positions = torch.arange(start, start + len(tokens), device=device)
+        position_ids = torch.tensor(positions, dtype=torch.int64, device=device)
     else:
         tree_mask, depths = ouroboros_kernels.build_tree(
             torch.tensor(parents, dtype=torch.int32, device=device))
-        tree_mask = tree_mask[None]
-        positions = depths.to(torch.int64) + start
-    step = runner.cache.tree_step(len(tokens), tree_mask, is_chain, runner.backend)
-    with runner.cache.forward_context():  # layers on several GPUs: restores the current one
-        output = runner.model(input_ids=input_ids, position_ids=positions[None],
-                              use_cache=True, logits_to_keep=len(tree) + 1,
-                              ouroboros_tree=step, **{runner.cache_kwarg: runner.cache})
-    return output.logits[0]
+        position_ids = depths.to(torch.int64) + torch.tensor(starts, dtype=torch.int64,
+                                                             device=device)[:, None]
+    out = _call(runner, input_ids, position_ids, tree_mask, chain, keep)
+    if not logits:
+        return None
+    offset = width - keep  # column of out[:, 0]
+    if all(n == counts[0] for n in counts) and counts[0] - 1 - offset == 0 and \
+            out.shape[1] == num_out:
+        return out
+    index = [[min(max(n - 1 + j - offset, 0), keep - 1) for j in range(num_out)]
+             for n in counts]
+    index = torch.tensor(index, dtype=torch.int64, device=out.device)
+    return out.gather(1, index[:, :, None].expand(-1, -1, out.shape[2]))
 
 
 def prefill(runner: ModelRunner, tokens: Sequence[int]) -> None:
-    """Write the K/V of ``tokens`` (all committed) into the runner's cache, one causal pass."""
-    if tokens:
-        forward_tree(runner, tokens, TokenTree())
-        runner.cache.commit(len(tokens))
+    """Write the K/V of ``tokens`` (all committed) into a batch-1 cache, one causal pass."""
+    prefill_rows(runner, [tokens])
+
+
+def prefill_rows(runner: ModelRunner, prompts: Sequence[Sequence[int]]) -> None:
+    """Write the K/V of each live sequence's ``prompts[b]`` (all committed, any lengths)
+    into the runner's cache in one causal pass."""
+    if any(prompts):
+        forward_rows(runner, [(tokens, TokenTree()) for tokens in prompts], logits=False)
+        counts = [len(tokens) for tokens in prompts]
+        runner.cache.commit(counts[0] if len(counts) == 1 else counts)
 
 
 @dataclass
 class Acceptance:
     """Outcome of `accept`: the accepted path (tree node indices, root first) with its
     tokens, the bonus token, the choices at every node (host copies), and the device
-    tensors `StaticKVCache.commit` consumes."""
+    tensors `StaticKVCache.commit` consumes (batch 1)."""
 
     path: list[int]
     path_tokens: list[int]
@@ -347,6 +399,41 @@ def accept(tree: TokenTree, choices: torch.Tensor, sampled: bool) -> Acceptance:
                       accepted_idx, accepted_len)
 
 
+def accept_rows(trees: Sequence[TokenTree], choices: torch.Tensor, sampled: bool
+                ) -> tuple[list[Acceptance], torch.Tensor | None, torch.Tensor | None]:
+    """`accept` for every row: ``choices: int64[R, 1 + t_max]`` (row b: after its pending end,
+    then after each of its nodes). Returns the rows' outcomes and the batched
+    ``(accepted_idx int32[R, t_max], accepted_len int32[R])`` for `StaticKVCache.commit`
+    (None when no row has a tree). One host read."""
+    if len(trees) == 1:
+        outcome = accept(trees[0], choices[0, :len(trees[0]) + 1], sampled)
+        return [outcome], outcome.accepted_idx, outcome.accepted_len
+    num_rows = len(trees)
+    widest = max(len(tree) for tree in trees)
+    if widest == 0:
+        host = choices[:, 0].tolist()
+        return [Acceptance([], [], token, [token], None, None) for token in host], None, None
+    # Padding nodes carry token -1: never equal to a choice, never accepted.
+    tokens = [tree.tokens + [-1] * (widest - len(tree)) for tree in trees]
+    parents = [tree.parents + [-1] * (widest - len(tree)) for tree in trees]
+    device = choices.device
+    rule = ouroboros_kernels.accept_sampled if sampled else ouroboros_kernels.accept_greedy
+    accepted_idx, accepted_len, bonus = rule(
+        torch.tensor(tokens, dtype=torch.int64, device=device),
+        torch.tensor(parents, dtype=torch.int32, device=device), choices)
+    host = torch.cat([accepted_len.to(torch.int64), bonus, accepted_idx.flatten().to(
+        torch.int64), choices.flatten()]).tolist()  # the one read of the pass
+    outcomes = []
+    for b, tree in enumerate(trees):
+        length = host[b]
+        path_base = 2 * num_rows + b * widest
+        choice_base = 2 * num_rows + num_rows * widest + b * (widest + 1)
+        path = host[path_base:path_base + length]
+        outcomes.append(Acceptance(path, [tree.tokens[n] for n in path], host[num_rows + b],
+                                   host[choice_base:choice_base + len(tree) + 1], None, None))
+    return outcomes, accepted_idx, accepted_len
+
+
 # ============================================================================ the session
 
 
@@ -373,19 +460,19 @@ class LogitRules:
     def needs_context(self) -> bool:
         return bool(self.repetition_penalty or self.no_repeat_ngram_size or self.bad_words)
 
-    def apply(self, logits: torch.Tensor, session: Session, tree: TokenTree) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, row: Row, tree: TokenTree) -> torch.Tensor:
         """``logits: [1 + len(tree), V]`` (row 0: after the pending end, row 1 + i: after
         node i) -> the processed logits (a copy; removed tokens at ``-inf``)."""
         logits = logits.clone()
         if self.needs_context:
-            self._apply_context_rules(logits, session.tokens, tree)
+            self._apply_context_rules(logits, row.tokens, tree)
         if self.suppress:
             logits[:, self.suppress] = float("-inf")
-        generated = len(session.tokens) - session.prompt_length
+        generated = len(row.tokens) - row.prompt_length
         if self.begin_suppress and generated == 0:
             logits[0, self.begin_suppress] = float("-inf")
         if self.eos and self.min_new_tokens > generated:
-            rows = [r for r, p in enumerate(row_outputs(session, tree))
+            rows = [r for r, p in enumerate(row_outputs(row, tree))
                     if p < self.min_new_tokens]
             logits[torch.tensor(rows, device=logits.device)[:, None],
                    torch.tensor(self.eos, device=logits.device)] = float("-inf")
@@ -438,31 +525,55 @@ class LogitRules:
 
 
 @dataclass
-class Session:
-    """Everything one ``generate`` call works on, passed explicitly to each phase."""
+class StopRules:
+    """When to stop: ``max_new_tokens``, any id of ``eos_token_ids``, or ``stop(new_tokens)``
+    returning True (called after each emitted token with the new tokens so far)."""
 
-    config: OuroborosConfig
-    target: ModelRunner
-    draft: ModelRunner | None
-    pool: object | None  # ouroboros_kernels.CandidatePool
-    sampling: SamplingParams
-    uniforms: torch.Tensor | None  # float64 [max_new_tokens + tree depth]: u_p per position
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    stop: Callable[[list[int]], bool] | None = None
+
+    def clip(self, generated: list[int], chunk: list[int]) -> tuple[list[int], bool]:
+        """The part of ``chunk`` to emit after ``generated``, and whether generation ends."""
+        emitted, reason = self.clip_reason(generated, chunk)
+        return emitted, reason is not None
+
+    def clip_reason(self, generated: list[int], chunk: list[int]) -> tuple[list[int], str | None]:
+        """The part of ``chunk`` to emit after ``generated``, and why generation ends there
+        (``"eos"``, ``"stop"``, ``"length"``) or None."""
+        room = self.max_new_tokens - len(generated)
+        emitted = []
+        for token in chunk[:room]:
+            emitted.append(token)
+            if token in self.eos_token_ids:
+                return emitted, "eos"
+            if self.stop is not None and self.stop(generated + emitted):
+                return emitted, "stop"
+        done = len(generated) + len(emitted) >= self.max_new_tokens
+        return emitted, "length" if done else None
+
+
+@dataclass
+class Row:
+    """One sequence of a batch: its text so far and everything that is its own.
+
+    ``max_new_tokens`` is the row's: the caller's, or fewer when the model's context ends
+    first (``context_limited``: the row then ends with reason ``"context"``)."""
+
+    index: int  # in the caller's batch
     tokens: list[int]
     prompt_length: int
     max_new_tokens: int
+    stop_rules: StopRules
     stats: GenerationStats
-    draft_window: JacobiWindow | None = None
-    target_window: JacobiWindow | None = None
+    uniforms: torch.Tensor | None = None  # float64 [max_new_tokens + tree depth]: u_p
     rules: LogitRules | None = None  # the target's generation-config processors, if any
     planner: object | None = None  # ouroboros.adaptive.AdaptivePlanner: per-step trees
-    # Reused pool lookup buffers (`CandidatePool.empty_lookup`) per phrase count, and the
-    # one-key tensor they are looked up with: no allocation per lookup.
-    lookup_buffers: dict = field(default_factory=dict, repr=False)
-    lookup_key: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.target.cache.device
+    draft_window: JacobiWindow | None = None
+    target_window: JacobiWindow | None = None
+    context_limited: bool = False
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
 
     @property
     def last_position(self) -> int:
@@ -483,268 +594,185 @@ class Session:
         return first_position + depth - 1 <= self.last_position
 
 
-def pool_phrases(session: Session, key: int, count: int) -> list[tuple[int, list[int]]]:
-    """The ``count`` most recent pool phrases keyed by ``key``: ``[(slot, tokens)]``."""
-    if session.pool is None or count == 0:
-        return []
-    with _Timer(session.stats, "time_pool"):
-        buffers = session.lookup_buffers.get(count)
-        if buffers is None:
-            buffers = session.lookup_buffers[count] = session.pool.empty_lookup(1, count)
-        if session.lookup_key is None:
-            session.lookup_key = torch.empty(1, dtype=torch.int64, device=session.device)
-        keys = session.lookup_key.fill_(key)
-        phrases, counts, slots = session.pool.lookup(keys, count, out=buffers)
-        found = torch.cat([counts.to(torch.int64), slots[0].to(torch.int64),
-                           phrases[0].flatten().to(torch.int64)]).tolist()
-    num = found[0]
-    slot_list = found[1:1 + count]
-    flat = found[1 + count:]
-    length = session.pool.phrase_len
-    return [(slot_list[i], flat[i * length:(i + 1) * length]) for i in range(num)]
+@dataclass
+class Session:
+    """Everything one ``generate`` call works on, passed explicitly to each phase:
+    ``rows`` (all of the batch, in the caller's order) and ``live`` (those still decoding,
+    in the order of the caches' batch dimension); ``stats`` counts batched passes and times."""
 
+    config: OuroborosConfig
+    target: ModelRunner
+    draft: ModelRunner | None
+    pool: object | None  # ouroboros_kernels.CandidatePool
+    sampling: SamplingParams
+    rows: list[Row]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    live: list[Row] = field(default_factory=list)
+    # Reused pool lookup buffers, per (keys, count) shape (`ouroboros.policy.lookup_phrases`).
+    lookup_buffers: dict = field(default_factory=dict, repr=False)
 
-def insert_ngrams(session: Session, ngrams: list[list[int]]) -> int:
-    """Insert ``[key, phrase...]`` n-grams into the pool; returns how many."""
-    if session.pool is None or not ngrams:
-        return 0
-    with _Timer(session.stats, "time_pool"):
-        rows = torch.tensor(ngrams, dtype=torch.int64, device=session.device)
-        session.pool.insert(rows[:, 0], rows[:, 1:])
-    return len(ngrams)
+    @property
+    def device(self) -> torch.device:
+        return self.target.cache.device
+
+    def lookup(self, keys: Sequence[int], count: int) -> list:
+        """`ouroboros.policy.lookup_phrases`, timed as pool time."""
+        if self.pool is None or count <= 0:
+            return [[] for _ in keys]
+        with _Timer(self.stats, "time_pool"):
+            return lookup_phrases(self.pool, keys, count, self.lookup_buffers, self.device)
+
+    def insert_ngrams(self, row: Row, ngrams: list[list[int]]) -> int:
+        """Insert ``[key, phrase...]`` n-grams into the pool; returns how many."""
+        if self.pool is None or not ngrams:
+            return 0
+        with _Timer(self.stats, "time_pool"):
+            rows = torch.tensor(ngrams, dtype=torch.int64, device=self.device)
+            self.pool.insert(rows[:, 0], rows[:, 1:])
+        return len(ngrams)
+
+    def insert_sequence_ngrams(self, tokens: Sequence[int]) -> int:
+        """Insert every n-gram of a token sequence; returns how many."""
+        count = sequence_ngrams(tokens, self.config.phrase_len)
+        if self.pool is None or not count:
+            return 0
+        with _Timer(self.stats, "time_pool"):
+            self.pool.insert_ngrams(torch.tensor(list(tokens), dtype=torch.int64,
+                                                 device=self.device))
+        return count
 
 
 def insert_sequence_ngrams(session: Session, tokens: Sequence[int]) -> int:
-    """Insert every n-gram of a token sequence; returns how many."""
-    length = session.config.phrase_len
-    if session.pool is None or len(tokens) <= length:
-        return 0
-    with _Timer(session.stats, "time_pool"):
-        session.pool.insert_ngrams(torch.tensor(list(tokens), dtype=torch.int64,
-                                                device=session.device))
-    return len(tokens) - length
+    """Insert every n-gram of a token sequence into the session's pool; returns how many."""
+    return session.insert_sequence_ngrams(tokens)
 
 
 # ============================================================================ phases
 
 
-def draft_phase(session: Session, budget: int, phrases: int) -> tuple[list[int], int]:
-    """Draft ``budget`` (at most γ) tokens with the draft model, phrase by phrase
-    (docs/architecture.md §2), trying ``phrases`` pool phrases per pass.
+def draft_phase(session: Session, budgets: list[int],
+                phrases: list[int]) -> list[tuple[list[int], int | None]]:
+    """Draft ``budgets[b]`` (at most γ) tokens for each live row with the draft model,
+    phrase by phrase (docs/architecture.md §2), trying ``phrases[b]`` pool phrases per pass.
 
-    Each pass feeds the draft's pending tokens, the pool phrases keyed by the last token
-    and the Jacobi window; it keeps the longest phrase the draft agrees with and the draft's
-    own next token, so the draft text is exactly the draft's greedy continuation.
+    Each pass feeds every drafting row's pending tokens, the pool phrases keyed by its last
+    token and its Jacobi window (rows done drafting ride along with nothing to feed); it
+    keeps the longest phrase the draft agrees with and the draft's own next token, so each
+    row's draft text is exactly the draft's greedy continuation.
 
-    Returns ``(draft_tokens, cached)``: the draft tokens and how many of them have their
-    K/V in the draft cache (all but the last produced).
+    Returns per row ``(draft_tokens, cached)``: the draft tokens and how many of them have
+    their K/V in the draft cache (all but the last produced); ``([], None)`` for a row that
+    did not draft.
     """
-    runner, stats = session.draft, session.stats
-    pending = session.tokens[runner.length:]
-    drafted: list[int] = []
+    runner, stats, rows = session.draft, session.stats, session.live
+    pending = [row.tokens[length:] for row, length in zip(rows, runner.cache.host_lengths)]
+    drafted: list[list[int]] = [[] for _ in rows]
+    active = [budget > 0 for budget in budgets]
     with _Timer(stats, "time_draft"):
-        while len(drafted) < budget:
-            tree = TokenTree()
-            first = len(session.tokens) + len(drafted)  # the position of a root node
-            for _, phrase in pool_phrases(session, pending[-1], phrases):
-                if session.fits(first, len(phrase)):
-                    tree.add_path(-1, phrase)
-            window = session.draft_window
-            window_nodes = window.attach(tree, -1, session.levels(first)) \
-                if window is not None else None
-            logits = forward_tree(runner, pending, tree)
-            outcome = accept(tree, logits.argmax(dim=-1), sampled=False)
-            runner.cache.commit(len(pending), outcome.accepted_idx, outcome.accepted_len,
-                                len(outcome.path), runner.backend)
+        while any(active):
+            count = max(p for p, a in zip(phrases, active) if a)
+            found = session.lookup([pending[b][-1] if active[b] and phrases[b] else -1
+                                    for b in range(len(rows))], count)
+            items, windows = [], []
+            for b, row in enumerate(rows):
+                if not active[b]:
+                    items.append(([], TokenTree()))
+                    windows.append(None)
+                    continue
+                first = len(row.tokens) + len(drafted[b])  # the position of a root node
+                tree, window_nodes = draft_pass_tree(found[b][:phrases[b]], first, row.fits,
+                                                     row.draft_window, row.levels(first))
+                items.append((pending[b], tree))
+                windows.append(window_nodes)
+            logits = forward_rows(runner, items)
+            trees = [tree for _, tree in items]
+            outcomes, accepted_idx, accepted_len = accept_rows(trees, logits.argmax(dim=-1),
+                                                               sampled=False)
+            counts = [len(p) for p, _ in items]
+            runner.cache.commit(counts[0] if len(rows) == 1 else counts, accepted_idx,
+                                accepted_len, [len(o.path) for o in outcomes], runner.backend)
             stats.draft_passes += 1
-            stats.draft_phrase_tokens += len(outcome.path)
-            drafted += outcome.path_tokens + [outcome.bonus]
-            pending = [outcome.bonus]
-            if window_nodes is not None:
-                ngrams = session.draft_window.advance(
-                    window_nodes, lambda node, c=outcome.choices: c[node + 1])
-                stats.window_ngrams += insert_ngrams(session, ngrams)
-    return drafted[:budget], min(len(drafted) - 1, budget)
+            for b, row in enumerate(rows):
+                if not active[b]:
+                    continue
+                outcome = outcomes[b]
+                row.stats.draft_passes += 1
+                row.stats.draft_phrase_tokens += len(outcome.path)
+                drafted[b] += outcome.path_tokens + [outcome.bonus]
+                pending[b] = [outcome.bonus]
+                if windows[b] is not None:
+                    ngrams = row.draft_window.advance(
+                        windows[b], lambda node, c=outcome.choices: c[node + 1])
+                    row.stats.window_ngrams += session.insert_ngrams(row, ngrams)
+                active[b] = len(drafted[b]) < budgets[b]
+    return [(drafted[b][:budget], min(len(drafted[b]) - 1, budget)) if budget > 0
+            else ([], None) for b, budget in enumerate(budgets)]
 
 
-@dataclass
-class Suffix:
-    """A pool phrase in the target's tree: its key and slot (for refinement), its tokens,
-    its tree nodes, and whether it hangs from the committed end (``at_root``: verified in
-    its true context whatever the draft does) or from the draft's end."""
-
-    key: int
-    slot: int
-    phrase: list[int]
-    nodes: list[int]
-    at_root: bool
-
-
-@dataclass
-class VerificationTree:
-    """The target's tree of one step and what each node is: ``draft_nodes`` the draft chain
-    (nodes ``0 .. γ-1``), ``suffixes`` the pool phrases in it, ``window_nodes`` the target's
-    Jacobi window (lookahead)."""
-
-    tree: TokenTree
-    draft_nodes: list[int]
-    suffixes: list[Suffix]
-    window_nodes: list[list[int]] | None
+def build_trees(session: Session, drafts: list[list[int]], budgets: list[int],
+                plans: list[StepPlan]) -> list[VerificationTree]:
+    """Every live row's verification tree (`ouroboros.policy.verification_tree`), with one
+    pool lookup for all rows' root phrases and suffixes."""
+    rows = session.live
+    roots = [plan.root_phrases if draft else 0 for plan, draft in zip(plans, drafts)]
+    wanted = [plan.num_suffixes if len(draft) < budget else 0
+              for plan, draft, budget in zip(plans, drafts, budgets)]
+    keys = [row.tokens[-1] if count else -1 for row, count in zip(rows, roots)] + \
+        [suffix_key(row.tokens, draft) if count else -1
+         for row, draft, count in zip(rows, drafts, wanted)]
+    found = session.lookup(keys, max(roots + wanted))
+    trees = []
+    for b, row in enumerate(rows):
+        window = row.target_window
+        trees.append(verification_tree(row.tokens, drafts[b], budgets[b], wanted[b],
+                                       found[b][:roots[b]], found[len(rows) + b], row.fits,
+                                       window, row.levels(len(row.tokens))))
+    return trees
 
 
-def build_verification_tree(session: Session, draft_tokens: list[int], budget: int,
-                            plan: StepPlan) -> VerificationTree:
-    """Pending end -> draft chain -> K pool suffixes keyed by the last draft token (the last
-    committed token without a draft); beside the draft, ``root_phrases`` pool phrases keyed
-    by the last committed token [and the target's Jacobi window]. No suffixes when the draft
-    already reaches ``budget`` (nothing after it could be emitted). K and the root phrases
-    are the ``plan``'s."""
-    tree = TokenTree()
-    draft_nodes = tree.add_path(-1, draft_tokens)  # len(draft_tokens) <= budget: fits
-    first = len(session.tokens)  # the position of a root node
-    suffixes = []
-    if draft_tokens and plan.root_phrases:
-        last = session.tokens[-1]
-        for slot, phrase in pool_phrases(session, last, plan.root_phrases):
-            if session.fits(first, len(phrase)):
-                suffixes.append(Suffix(last, slot, phrase, tree.add_path(-1, phrase), True))
-    anchor = draft_nodes[-1] if draft_nodes else -1
-    key = draft_tokens[-1] if draft_tokens else session.tokens[-1]
-    num_suffixes = plan.num_suffixes if len(draft_tokens) < budget else 0
-    for slot, phrase in pool_phrases(session, key, num_suffixes):
-        if session.fits(first + len(draft_tokens), len(phrase)):
-            suffixes.append(Suffix(key, slot, phrase, tree.add_path(anchor, phrase),
-                                   anchor < 0))
-    window = session.target_window
-    window_nodes = window.attach(tree, -1, session.levels(first)) if window is not None \
-        else None
-    return VerificationTree(tree, draft_nodes, suffixes, window_nodes)
-
-
-def row_outputs(session: Session, tree: TokenTree) -> list[int]:
+def row_outputs(row: Row, tree: TokenTree) -> list[int]:
     """The index (0-based, among the new tokens) of the token each choice row decides:
     row 0 (after the pending end) the next new token, row 1 + i the one after node i."""
-    generated = len(session.tokens) - session.prompt_length
+    generated = len(row.tokens) - row.prompt_length
     return [generated] + [generated + depth + 1 for depth in tree.depths]
 
 
-def node_uniforms(session: Session, tree: TokenTree) -> torch.Tensor | None:
+def node_uniforms(row: Row, tree: TokenTree) -> torch.Tensor | None:
     """The uniform of each choice row (sampling only): row 0 decides the next new token,
     row 1 + i the token after node i; a row deciding new token p uses ``u_p``."""
-    if session.uniforms is None:
+    if row.uniforms is None:
         return None
-    last = session.uniforms.shape[0] - 1
-    index = torch.tensor([min(row, last) for row in row_outputs(session, tree)],
-                         device=session.uniforms.device)
-    return session.uniforms[index]
+    last = row.uniforms.shape[0] - 1
+    index = torch.tensor([min(r, last) for r in row_outputs(row, tree)],
+                         device=row.uniforms.device)
+    return row.uniforms[index]
 
 
-def verify(session: Session, verification: VerificationTree) -> Acceptance:
-    """One target pass over pending + tree, the target's choice at every node, acceptance."""
-    stats = session.stats
+def verify(session: Session, verifications: list[VerificationTree]
+           ) -> tuple[list[Acceptance], torch.Tensor | None, torch.Tensor | None]:
+    """One target pass over every live row's pending token + tree, the target's choice at
+    every node (its generation-config rules and sampling applied per row), acceptance."""
+    stats, rows = session.stats, session.live
+    trees = [verification.tree for verification in verifications]
     with _Timer(stats, "time_verify"):
-        pending = session.tokens[session.target.length:]
-        logits = forward_tree(session.target, pending, verification.tree)
-        if session.rules is not None:
-            logits = session.rules.apply(logits, session, verification.tree)
-        choices = choose_tokens(logits, session.sampling, node_uniforms(session,
-                                                                          verification.tree))
-        outcome = accept(verification.tree, choices, sampled=session.sampling.do_sample)
+        items = [(row.tokens[length:], tree)
+                 for row, length, tree in zip(rows, session.target.cache.host_lengths, trees)]
+        logits = forward_rows(session.target, items)
+        if not session.sampling.do_sample and all(row.rules is None for row in rows):
+            choices = logits.argmax(dim=-1)
+        else:
+            choices = torch.zeros(logits.shape[:2], dtype=torch.int64, device=logits.device)
+            for b, (row, tree) in enumerate(zip(rows, trees)):
+                row_logits = logits[b, :len(tree) + 1]
+                if row.rules is not None:
+                    row_logits = row.rules.apply(row_logits, row, tree)
+                choices[b, :len(tree) + 1] = choose_tokens(row_logits, session.sampling,
+                                                           node_uniforms(row, tree))
+        result = accept_rows(trees, choices, sampled=session.sampling.do_sample)
     stats.target_passes += 1
-    return outcome
-
-
-def update_pool(session: Session, verification: VerificationTree, outcome: Acceptance,
-                accepted_draft: int, committed_from: int) -> None:
-    """Feed what verification revealed into the pool (docs/architecture.md §2).
-
-    * refinement: each suffix verified in its true context (hanging from the committed end,
-      or from a fully accepted draft) is overwritten in place by the target's choices along
-      it (first, before any insert moves slots);
-    * inspiration: with a rejected tail, the n-grams of ``[last accepted token, bonus,
-      target's choices after each rejected draft node]``;
-    * the target's window n-grams (lookahead);
-    * the n-grams ending in newly committed tokens (``committed_from`` on).
-    """
-    config, stats, choices = session.config, session.stats, outcome.choices
-    if session.pool is None:
-        return
-    num_draft = len(verification.draft_nodes)
-    parents = verification.tree.parents
-
-    def choice_after(node: int) -> int:
-        return choices[node + 1]
-
-    if config.refinement and verification.suffixes:
-        keys, slots, phrases = [], [], []
-        for suffix in verification.suffixes:
-            if not (suffix.at_root or accepted_draft == num_draft):
-                continue  # its context (the draft) was wrong: nothing verified
-            corrected = [choices[parents[n] + 1] for n in suffix.nodes]
-            if corrected != suffix.phrase:
-                keys.append(suffix.key)
-                slots.append(suffix.slot)
-                phrases.append(corrected)
-        if keys:
-            with _Timer(stats, "time_pool"):
-                device = session.device
-                session.pool.refine(torch.tensor(keys, dtype=torch.int64, device=device),
-                                    torch.tensor(slots, dtype=torch.int64, device=device),
-                                    torch.tensor(phrases, dtype=torch.int64, device=device))
-            stats.refinements += len(keys)
-    if config.inspiration and accepted_draft < num_draft:
-        before = verification.tree.tokens[accepted_draft - 1] if accepted_draft else \
-            session.tokens[committed_from - 1]
-        predicted = [choices[accepted_draft]] + [choice_after(n) for n in
-                                                 verification.draft_nodes[accepted_draft:]]
-        sequence = [before] + predicted
-        length = config.phrase_len
-        ngrams = [sequence[i:i + length + 1] for i in range(len(sequence) - length)]
-        stats.inspiration_ngrams += insert_ngrams(session, ngrams)
-    if verification.window_nodes is not None:
-        ngrams = session.target_window.advance(verification.window_nodes, choice_after)
-        stats.window_ngrams += insert_ngrams(session, ngrams)
-    if config.pool_from_output:
-        start = max(0, committed_from - config.phrase_len)
-        stats.output_ngrams += insert_sequence_ngrams(session, session.tokens[start:])
-
-
-def compact_caches(session: Session, outcome: Acceptance, committed_from: int,
-                   accepted_draft: int, draft_cached: int | None) -> None:
-    """Keep the accepted path's K/V in the target cache (moved behind the pending token in
-    one ``compact_kv`` over all layers); roll the draft cache back to the draft tokens the
-    target accepted (``draft_cached`` None: the draft did not run this step, and its cache,
-    all committed tokens, stays as it is until the next draft pass catches up)."""
-    num_pending = committed_from - session.target.length
-    session.target.cache.commit(num_pending, outcome.accepted_idx, outcome.accepted_len,
-                                len(outcome.path), session.target.backend)
-    if session.draft is not None and draft_cached is not None:
-        session.draft.cache.truncate(committed_from + min(draft_cached, accepted_draft))
-
-
-# ============================================================================ the loop
-
-
-@dataclass
-class StopRules:
-    """When to stop: ``max_new_tokens``, any id of ``eos_token_ids``, or ``stop(new_tokens)``
-    returning True (called after each emitted token with the new tokens so far)."""
-
-    max_new_tokens: int
-    eos_token_ids: frozenset[int]
-    stop: Callable[[list[int]], bool] | None = None
-
-    def clip(self, generated: list[int], chunk: list[int]) -> tuple[list[int], bool]:
-        """The part of ``chunk`` to emit after ``generated``, and whether generation ends."""
-        room = self.max_new_tokens - len(generated)
-        emitted = []
-        for token in chunk[:room]:
-            emitted.append(token)
-            if token in self.eos_token_ids:
-                return emitted, True
-            if self.stop is not None and self.stop(generated + emitted):
-                return emitted, True
-        return emitted, len(generated) + len(emitted) >= self.max_new_tokens
+    for row in rows:
+        row.stats.target_passes += 1
+    return result
 
 
 def count_accepted(stats: GenerationStats, verification: VerificationTree,
@@ -768,68 +796,134 @@ def count_accepted(stats: GenerationStats, verification: VerificationTree,
     return accepted_draft, from_suffixes, from_roots
 
 
-def plan_step(session: Session) -> StepPlan:
-    """The tree of the next step: the planner's choice (adaptive trees), else the
-    configuration's; counted in ``stats.shapes``."""
-    if session.planner is not None:
-        plan = session.planner.plan(len(session.tokens))
-    else:
-        plan = fixed_plan(session.config)
-    shapes = session.stats.shapes
+def compact_caches(session: Session, outcomes: list[Acceptance],
+                   accepted_idx: torch.Tensor | None, accepted_len: torch.Tensor | None,
+                   committed_from: list[int], accepted_draft: list[int],
+                   drafts: list[tuple[list[int], int | None]]) -> None:
+    """Keep each row's accepted path's K/V in the target cache (moved behind its pending
+    token in one ``compact_kv`` over all layers and rows); roll each row's draft cache back
+    to the draft tokens the target accepted (a row whose draft did not run this step keeps
+    its draft cache, all committed tokens, until the next draft pass catches up)."""
+    target = session.target
+    pending = [start - length for start, length in zip(committed_from,
+                                                       target.cache.host_lengths)]
+    target.cache.commit(pending[0] if len(pending) == 1 else pending, accepted_idx,
+                        accepted_len, [len(outcome.path) for outcome in outcomes],
+                        target.backend)
+    if session.draft is not None and any(cached is not None for _, cached in drafts):
+        lengths = [start + min(cached, accepted) if cached is not None else length
+                   for start, accepted, (_, cached), length in
+                   zip(committed_from, accepted_draft, drafts, session.draft.cache.host_lengths)]
+        session.draft.cache.truncate(lengths[0] if len(lengths) == 1 else lengths)
+
+
+# ============================================================================ the loop
+
+
+def plan_step(row: Row, config: OuroborosConfig) -> StepPlan:
+    """The tree of the row's next step: its planner's choice (adaptive trees), else the
+    configuration's; counted in the row's ``stats.shapes``."""
+    plan = row.planner.plan(len(row.tokens)) if row.planner is not None else fixed_plan(config)
+    shapes = row.stats.shapes
     shapes[plan.label] = shapes.get(plan.label, 0) + 1
     return plan
 
 
-def decode_step(session: Session) -> list[int]:
-    """One Ouroboros step; returns the tokens the target accepted (path + bonus)."""
-    stats = session.stats
-    plan = plan_step(session)
-    committed_from = len(session.tokens)
+def decode_step(session: Session) -> list[list[int]]:
+    """One Ouroboros step of every live row; returns each row's accepted tokens (path +
+    bonus)."""
+    rows, config = session.live, session.config
+    plans = [plan_step(row, config) for row in rows]
+    committed_from = [len(row.tokens) for row in rows]
     # Tokens a step may still emit besides the bonus: drafting further is wasted work.
-    budget = session.max_new_tokens - (committed_from - session.prompt_length) - 1
-    draft_budget = min(plan.gamma, budget)
-    passes_before, phrases_before = stats.draft_passes, stats.draft_phrase_tokens
-    draft_tokens, draft_cached = draft_phase(session, draft_budget, plan.draft_phrases) \
-        if session.draft is not None and draft_budget > 0 else ([], None)
-    verification = build_verification_tree(session, draft_tokens, budget, plan)
-    outcome = verify(session, verification)
-    accepted_draft, from_suffixes, from_roots = count_accepted(stats, verification, outcome)
-    compact_caches(session, outcome, committed_from, accepted_draft, draft_cached)
-    chunk = outcome.path_tokens + [outcome.bonus]
-    session.tokens.extend(chunk)
-    update_pool(session, verification, outcome, accepted_draft, committed_from)
-    if session.planner is not None:
-        session.planner.observe(plan, StepObservation(
-            drafted=len(draft_tokens), accepted_draft=accepted_draft,
-            suffix_tokens=from_suffixes,
-            suffixes_in_context=accepted_draft == len(draft_tokens) < budget,
-            root_tokens=from_roots, draft_passes=stats.draft_passes - passes_before,
-            phrase_tokens=stats.draft_phrase_tokens - phrases_before))
-    return chunk
+    budgets = [row.max_new_tokens - (len(row.tokens) - row.prompt_length) - 1 for row in rows]
+    draft_budgets = [min(plan.gamma, budget) for plan, budget in zip(plans, budgets)]
+    before = [(row.stats.draft_passes, row.stats.draft_phrase_tokens) for row in rows]
+    drafts = draft_phase(session, draft_budgets, [plan.draft_phrases for plan in plans]) \
+        if session.draft is not None and any(b > 0 for b in draft_budgets) \
+        else [([], None)] * len(rows)
+    verifications = build_trees(session, [tokens for tokens, _ in drafts], budgets, plans)
+    outcomes, accepted_idx, accepted_len = verify(session, verifications)
+    counted = [count_accepted(row.stats, verification, outcome)
+               for row, verification, outcome in zip(rows, verifications, outcomes)]
+    compact_caches(session, outcomes, accepted_idx, accepted_len, committed_from,
+                   [accepted for accepted, _, _ in counted], drafts)
+    chunks, updates = [], []
+    for b, (row, verification, outcome) in enumerate(zip(rows, verifications, outcomes)):
+        chunk = outcome.path_tokens + [outcome.bonus]
+        row.tokens.extend(chunk)
+        chunks.append(chunk)
+        if session.pool is not None:
+            window_ngrams = row.target_window.advance(
+                verification.window_nodes, lambda node, c=outcome.choices: c[node + 1]) \
+                if verification.window_nodes is not None else []
+            updates.append(pool_update(config, row.tokens, verification, outcome.choices,
+                                       counted[b][0], committed_from[b], window_ngrams))
+    if updates:
+        with _Timer(session.stats, "time_pool"):
+            apply_pool_updates(session.pool, updates, session.device)
+        for row, update in zip(rows, updates):
+            row.stats.refinements += len(update.refine_keys)
+            row.stats.inspiration_ngrams += update.inspiration_ngrams
+            row.stats.window_ngrams += update.window_ngrams
+            row.stats.output_ngrams += update.output_ngrams
+    for b, row in enumerate(rows):
+        if row.planner is None:
+            continue
+        accepted_draft, from_suffixes, from_roots = counted[b]
+        drafted = len(drafts[b][0])
+        row.planner.observe(plans[b], StepObservation(
+            drafted=drafted, accepted_draft=accepted_draft, suffix_tokens=from_suffixes,
+            suffixes_in_context=accepted_draft == drafted < budgets[b],
+            root_tokens=from_roots, draft_passes=row.stats.draft_passes - before[b][0],
+            phrase_tokens=row.stats.draft_phrase_tokens - before[b][1]))
+    return chunks
 
 
-def run_generation(session: Session, prompt_length: int, rules: StopRules,
-                   streamer: Callable[[list[int]], None] | None = None) -> GenerationResult:
-    """Prefill both models, then `decode_step` until a stop rule fires."""
+def _finish(session: Session, row: Row, reason: str, start: float) -> None:
+    row.done = True
+    del row.tokens[row.prompt_length + len(row.generated):]
+    stats, total = row.stats, session.stats
+    stats.finish_reason = "context" if reason == "length" and row.context_limited else reason
+    stats.new_tokens = len(row.generated)
+    stats.prefill_passes = total.prefill_passes
+    for name in ("time_draft", "time_verify", "time_pool", "time_prefill"):
+        setattr(stats, name, getattr(total, name))
+    stats.time_total = time.perf_counter() - start
+
+
+def run_generation(session: Session,
+                   streamer: Callable[[int, list[int]], None] | None = None) -> None:
+    """Prefill both models with every row's prompt, then `decode_step` until each row's
+    stop rules fire; a finished row leaves the caches' batch. ``streamer(row.index, chunk)``
+    gets each row's emitted tokens as soon as they are committed. Fills each row's
+    ``tokens`` (prompt + new), ``generated`` and ``stats``, and the session's totals."""
     stats = session.stats
     start = time.perf_counter()
-    prompt = session.tokens[:prompt_length]
-    prefill(session.target, prompt[:-1])
-    stats.prefill_passes += 1 if prompt_length > 1 else 0
-    if session.draft is not None:
-        with _Timer(stats, "time_draft"):
-            prefill(session.draft, prompt[:-1])
+    session.live = [row for row in session.rows if not row.done]
+    prompts = [row.tokens[:row.prompt_length - 1] for row in session.live]
+    if any(prompts):
+        prefill_rows(session.target, prompts)
+        stats.prefill_passes += 1
+        if session.draft is not None:
+            with _Timer(stats, "time_draft"):
+                prefill_rows(session.draft, prompts)
     stats.time_prefill = time.perf_counter() - start
-    generated: list[int] = []
-    done = False
-    while not done:
-        chunk = decode_step(session)
-        emitted, done = rules.clip(generated, chunk)
-        generated += emitted
-        if streamer is not None and emitted:
-            streamer(emitted)
-    del session.tokens[prompt_length + len(generated):]
-    stats.new_tokens = len(generated)
+    while session.live:
+        chunks = decode_step(session)
+        for row, chunk in zip(session.live, chunks):
+            emitted, reason = row.stop_rules.clip_reason(row.generated, chunk)
+            row.generated += emitted
+            if streamer is not None and emitted:
+                streamer(row.index, emitted)
+            if reason is not None:
+                _finish(session, row, reason, start)
+        if any(row.done for row in session.live):
+            keep = [b for b, row in enumerate(session.live) if not row.done]
+            session.target.cache.keep_rows(keep)
+            if session.draft is not None:
+                session.draft.cache.keep_rows(keep)
+            session.live = [session.live[b] for b in keep]
     stats.time_total = time.perf_counter() - start
-    sequences = torch.tensor([session.tokens], dtype=torch.int64, device=session.device)
-    return GenerationResult(sequences, prompt_length, stats)
+    for row in session.rows:
+        stats.add(row.stats)

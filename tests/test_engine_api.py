@@ -83,8 +83,8 @@ def test_presets_and_config_validation():
 
 def test_bad_inputs(target):
     decoder = OuroborosDecoder(target, target)
-    with pytest.raises(ValueError, match="batch size 2"):
-        decoder.generate(random_prompt(4, 48, 0).repeat(2, 1), 5)
+    with pytest.raises(ValueError, match=r"must be \[1, S\] or \[S\]"):
+        decoder.generate(random_prompt(4, 48, 0)[None], 5)  # [1, 1, 4]
     with pytest.raises(ValueError, match="empty"):
         decoder.generate(torch.zeros(1, 0, dtype=torch.int64), 5)
     with pytest.raises(ValueError, match="empty"):

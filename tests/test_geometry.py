@@ -81,15 +81,16 @@ def test_the_measurement_tree():
 def run_recording(monkeypatch, target, draft, config, prompt, new_tokens):
     """Generate, recording every forward pass: ``(is_target, pending, tree nodes)``."""
     passes = []
-    real = generate_module.forward_tree
+    real = generate_module.forward_rows
 
-    def recording(runner, pending, tree):
-        passes.append((runner.model is target, len(pending), len(tree)))
-        return real(runner, pending, tree)
+    def recording(runner, items, logits=True):
+        for pending, tree in items:  # batch 1: one row per pass
+            passes.append((runner.model is target, len(pending), len(tree)))
+        return real(runner, items, logits)
 
-    monkeypatch.setattr(generate_module, "forward_tree", recording)
+    monkeypatch.setattr(generate_module, "forward_rows", recording)
     result = OuroborosDecoder(target, draft, config).generate(prompt, new_tokens)
-    monkeypatch.setattr(generate_module, "forward_tree", real)
+    monkeypatch.setattr(generate_module, "forward_rows", real)
     assert torch.equal(result.sequences, greedy_reference(target, prompt, new_tokens))
     return passes
 
