@@ -12,6 +12,7 @@
 #                                                       # (not in the default set: ~5 min more)
 #   STEPS=bench BENCH=pool,tree_attention QUICK=1 bash benchmarks/run_gpu.sh
 #                 # only benchmarks/bench_{pool,tree_attention}.py, each with --quick
+#   STEPS=bench BENCH=batch bash benchmarks/run_gpu.sh  # batched decoding, B = 1..32 (~90 s)
 #
 # One device call may run 10 minutes and info+install+tests take ~4.5 min on an H100 host,
 # so a full run is best split over back-to-back calls (the machine stays warm between them
@@ -122,7 +123,17 @@ if wants bench; then
     if [ -n "$BENCH" ] && [[ ",$BENCH," != *",${name#bench_},"* ]]; then continue; fi
     quick=()
     if [ "$QUICK" = 1 ] && grep -q -- '"--quick"' "$bench"; then quick=(--quick); fi
-    step "$name" 420 "$PY" "$bench" --out "$OUT" "${quick[@]}"
+    limit=420 extra=()
+    if [ "$name" = bench_batch ]; then
+      # Its own budget and small settings whatever QUICK says: B = 1..32 over 32 held-out
+      # prompts, 16 new tokens; --budget-s skips sizes that would not fit. The static-cache
+      # baseline is left out here: as transformers runs it on a GPU it compiles once per B
+      # (minutes); a full run: --static auto and a larger limit.
+      limit=90 quick=()
+      extra=(--batch-sizes 1,2,4,8,16,32 --prompts 32 --max-new-tokens 16 --static off
+             --budget-s 75)
+    fi
+    step "$name" "$limit" "$PY" "$bench" --out "$OUT" "${quick[@]}" "${extra[@]}"
   done
 fi
 
