@@ -229,22 +229,28 @@ class AdaptivePlanner:
 
     # ------------------------------------------------------------------ costs
 
-    def _cost_arrays(self, context: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _cost_arrays(self, context: int,
+                     batch: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per plan: seconds of the target pass, of the step's first draft pass and of each
-        later one (0 without a draft), at the context's bucket (once per bucket)."""
-        bucket = context // self._bucket
-        arrays = self._costs.get(bucket)
+        later one (0 without a draft), at the context's bucket (once per bucket and batch).
+
+        In a batch of ``batch`` rows a pass is shared: a row's part of it is the cost of a
+        pass over ``batch`` times its tokens, divided by ``batch`` (as if every row fed as
+        many; the fixed cost of a pass is spread, the per-token cost is not)."""
+        key = (context // self._bucket, batch)
+        arrays = self._costs.get(key)
         if arrays is None:
-            rows = bucket * self._bucket + self._bucket // 2
+            rows = key[0] * self._bucket + self._bucket // 2
 
             def seconds(costs, counts, overhead):
                 if costs is None:
                     return np.zeros(len(counts))
-                table = {t: costs(t, rows) + overhead for t in set(counts) if t}
+                table = {t: (costs(t * batch, rows) + overhead) / batch
+                         for t in set(counts) if t}
                 return np.array([table[t] if t else 0.0 for t in counts])
 
             overhead = self.model.pass_overhead
-            arrays = self._costs[bucket] = (
+            arrays = self._costs[key] = (
                 seconds(self.target, self._target_tokens, 0.0),
                 seconds(self.draft, self._first_draft_tokens, overhead),
                 seconds(self.draft, self._later_draft_tokens, overhead))
@@ -252,10 +258,11 @@ class AdaptivePlanner:
 
     # ------------------------------------------------------------------ the choice
 
-    def rates(self, context: int, estimates: Sequence[float] | None = None) -> np.ndarray:
+    def rates(self, context: int, estimates: Sequence[float] | None = None,
+              batch: int = 1) -> np.ndarray:
         """Expected tokens per second of every candidate plan after ``context`` tokens,
         under the current estimates (or ``estimates``: α and the suffix, root and phrase
-        coverages)."""
+        coverages), for one row of a batch of ``batch`` (its share of each pass)."""
         if estimates is None:
             estimates = (self.alpha.value, self.suffix_cover.value, self.root_cover.value,
                          self.phrase_cover.value)
@@ -271,13 +278,14 @@ class AdaptivePlanner:
                           1 + suffixes)
         matched = phrase_cover * self._phrase_unit
         passes = np.where(self._drafting, np.maximum(1.0, gamma / (1 + matched)), 0.0)
-        target_cost, first_draft, later_draft = self._cost_arrays(context)
-        seconds = self.model.step_overhead + target_cost + np.where(
+        target_cost, first_draft, later_draft = self._cost_arrays(context, batch)
+        seconds = self.model.step_overhead / batch + target_cost + np.where(
             self._drafting, first_draft + (passes - 1) * later_draft, 0.0)
         return tokens / seconds
 
-    def plan(self, context: int) -> StepPlan:
-        """The plan with the highest expected rate (the first such, deterministically).
+    def plan(self, context: int, batch: int = 1) -> StepPlan:
+        """The plan with the highest expected rate (the first such, deterministically), for
+        a row after ``context`` tokens in a batch of ``batch`` live rows.
 
         The plan the priors (the tuned values) would choose is kept unless another one is
         expected to be ``margin`` faster under the current estimates: a few steps of noisy
@@ -286,9 +294,9 @@ class AdaptivePlanner:
         sequence on which it starts to pay is noticed: an estimate only moves when its
         mechanism runs.
         """
-        rates = self.rates(context)
+        rates = self.rates(context, batch=batch)
         best = int(np.argmax(rates))
-        anchor = self._anchor(context)
+        anchor = self._anchor(context, batch)
         if rates[best] < rates[anchor] * (1 + self.margin):
             best = anchor
         best = self.plans[best]
@@ -300,14 +308,14 @@ class AdaptivePlanner:
             best, self._since_suffix = replace(best, num_suffixes=1), 0
         return best
 
-    def _anchor(self, context: int) -> int:
+    def _anchor(self, context: int, batch: int = 1) -> int:
         """Index of the plan the priors choose at the context's bucket."""
-        bucket = context // self._bucket
-        anchor = self._anchors.get(bucket)
+        key = (context // self._bucket, batch)
+        anchor = self._anchors.get(key)
         if anchor is None:
             priors = (self.alpha.prior, self.suffix_cover.prior, self.root_cover.prior,
                       self.phrase_cover.prior)
-            anchor = self._anchors[bucket] = int(np.argmax(self.rates(context, priors)))
+            anchor = self._anchors[key] = int(np.argmax(self.rates(context, priors, batch)))
         return anchor
 
     def observe(self, plan: StepPlan, seen: StepObservation) -> None:
@@ -341,7 +349,7 @@ class SchedulePlanner:
             raise ValueError("plans must not be empty")
         self._step = 0
 
-    def plan(self, context: int) -> StepPlan:
+    def plan(self, context: int, batch: int = 1) -> StepPlan:
         plan = self.plans[self._step % len(self.plans)]
         self._step += 1
         return plan

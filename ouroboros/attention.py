@@ -191,17 +191,17 @@ def _reference_attention(step: TreeStep, query: torch.Tensor, key: torch.Tensor,
     """The ``"reference"`` backend: ``query [B, Hq, T, D]`` over the cache buffers ``key,
     value [B, Hkv, S_max, D]`` -> ``[B, T, Hq, D]``.
 
-    Batch 1 (every sequence at the same length) takes a path by shape: a prefill over an
-    empty cache is causal SDPA; a long prefix with a small tree is `_split_attention`; one
-    new token sees everything and needs no mask. Otherwise (several sequences of different
-    lengths, short prefixes) one SDPA call with the dense tree mask of the step.
+    A prefill over an empty cache (any batch: every prefix is empty) is causal SDPA. Batch
+    1 takes a path by shape: a long prefix with a small tree is `_split_attention`; one new
+    token sees everything and needs no mask. Otherwise (several sequences of different
+    lengths and trees, short prefixes) one SDPA call with the dense tree mask of the step.
     """
     num_new = query.shape[2]
     prefix = step.max_prefix_len
     span = prefix + num_new
     gqa = query.shape[1] != key.shape[1]
     uniform = query.shape[0] == 1
-    if uniform and prefix == 0 and (step.causal or num_new == 1):
+    if prefix == 0 and step.causal:
         output = F.scaled_dot_product_attention(
             query, key[:, :, :num_new], value[:, :, :num_new], is_causal=True, scale=scaling,
             enable_gqa=gqa)

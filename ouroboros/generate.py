@@ -820,10 +820,12 @@ def compact_caches(session: Session, outcomes: list[Acceptance],
 # ============================================================================ the loop
 
 
-def plan_step(row: Row, config: OuroborosConfig) -> StepPlan:
-    """The tree of the row's next step: its planner's choice (adaptive trees), else the
-    configuration's; counted in the row's ``stats.shapes``."""
-    plan = row.planner.plan(len(row.tokens)) if row.planner is not None else fixed_plan(config)
+def plan_step(row: Row, config: OuroborosConfig, batch: int = 1) -> StepPlan:
+    """The tree of the row's next step: its planner's choice for a row of a batch of
+    ``batch`` live rows (adaptive trees), else the configuration's; counted in the row's
+    ``stats.shapes``."""
+    plan = row.planner.plan(len(row.tokens), batch) if row.planner is not None \
+        else fixed_plan(config)
     shapes = row.stats.shapes
     shapes[plan.label] = shapes.get(plan.label, 0) + 1
     return plan
@@ -833,7 +835,7 @@ def decode_step(session: Session) -> list[list[int]]:
     """One Ouroboros step of every live row; returns each row's accepted tokens (path +
     bonus)."""
     rows, config = session.live, session.config
-    plans = [plan_step(row, config) for row in rows]
+    plans = [plan_step(row, config, len(rows)) for row in rows]
     committed_from = [len(row.tokens) for row in rows]
     # Tokens a step may still emit besides the bonus: drafting further is wasted work.
     budgets = [row.max_new_tokens - (len(row.tokens) - row.prompt_length) - 1 for row in rows]
