@@ -110,3 +110,81 @@ def test_commit_compacts_the_accepted_path(model, backend):
     rows = len(prompt) + 3
     torch.testing.assert_close(runner.cache.buffer[..., :rows, :],
                                linear.cache.buffer[..., :rows, :], atol=1e-5, rtol=1e-5)
+
+
+def _filled(cache, seed):
+    """Random K/V in every row of every buffer (fresh, never zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    for buffer in cache.buffers:
+        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_per_row_commit_truncate_and_keep_rows(model, mirror):
+    # Three sequences of different lengths; with `mirror` every layer is its own device
+    # group with its own copies of the lengths (what layers on other devices get).
+    kwargs = {"max_group_layers": 1, "mirror_groups": True} if mirror else {}
+    cache = StaticKVCache.for_model(model, 40, 3, **kwargs)
+    _filled(cache, 0)
+    cache.commit([5, 2, 7])
+    assert cache.host_lengths == [5, 2, 7] and cache.lengths.tolist() == [5, 2, 7]
+    for group in cache.groups:
+        assert group.lengths.tolist() == [5, 2, 7]
+    before = [buffer.clone() for buffer in cache.buffers]
+    # Row b accepts nodes idx[b, :len[b]] of the tree written behind its pending rows.
+    idx = torch.tensor([[2, 3, -1], [0, -1, -1], [1, 2, 4]], dtype=torch.int32)
+    length = torch.tensor([2, 1, 3], dtype=torch.int32)
+    cache.commit([1, 1, 0], idx, length, [2, 1, 3])
+    assert cache.host_lengths == [8, 4, 10] and cache.lengths.tolist() == [8, 4, 10]
+    for old, new in zip(before, cache.buffers):
+        for b, (start, nodes) in enumerate([(6, [2, 3]), (3, [0]), (7, [1, 2, 4])]):
+            for a, node in enumerate(nodes):
+                assert torch.equal(new[:, :, b, :, start + a], old[:, :, b, :, start + node])
+            assert torch.equal(new[:, :, b, :, :start], old[:, :, b, :, :start])
+    cache.truncate([3, 4, 9])
+    assert cache.host_lengths == [3, 4, 9] and cache.lengths.tolist() == [3, 4, 9]
+    with pytest.raises(ValueError, match="3 sequences"):
+        cache.truncate([1, 2])
+    kept = [buffer.clone() for buffer in cache.buffers]
+    cache.keep_rows([0, 2])  # row 1 ended: row 2 moves down to row 1
+    assert cache.live == 2 and cache.host_lengths == [3, 9]
+    assert cache.lengths.tolist() == [3, 9]
+    for group in cache.groups:
+        assert group.lengths.tolist() == [3, 9]
+    for old, new in zip(kept, cache.buffers):
+        assert torch.equal(new[:, :, 0, :, :3], old[:, :, 0, :, :3])
+        assert torch.equal(new[:, :, 1, :, :9], old[:, :, 2, :, :9])
+    keys = torch.randn(2, 2, 4, 16)
+    returned, _ = cache.update(keys, keys, 0)
+    assert returned.shape[0] == 2  # the live rows only
+    assert torch.equal(cache.buffer[0, 0, 0, :, 3:7], keys[0])
+    assert torch.equal(cache.buffer[0, 0, 1, :, 9:13], keys[1])
+    with pytest.raises(ValueError, match="increasing"):
+        cache.keep_rows([1, 0])
+    cache.reset()
+    assert cache.live == 3 and cache.host_lengths == [0, 0, 0]
+
+
+def test_a_batched_forward_matches_each_row_alone(model):
+    """Rows of different lengths and trees in one pass give each row's logits alone."""
+    from ouroboros.generate import forward_rows, prefill_rows
+
+    prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (9, 3, 14)]
+    trees = []
+    for seed in range(3):
+        tree = TokenTree()
+        generator = torch.Generator().manual_seed(seed)
+        tree.add_path(-1, torch.randint(3, 48, (3,), generator=generator).tolist())
+        tree.add_path(0, torch.randint(3, 48, (2,), generator=generator).tolist())
+        trees.append(tree)
+    trees[1] = TokenTree()  # a row with nothing but its pending token
+    batch = ModelRunner(model, StaticKVCache.for_model(model, 64, 3),
+                        cache_kwarg_name(model), "reference")
+    prefill_rows(batch, [p[:-2] for p in prompts])
+    logits = forward_rows(batch, [(p[-2:], tree) for p, tree in zip(prompts, trees)])
+    assert logits.shape == (3, 1 + 5, 48)
+    for b, (prompt, tree) in enumerate(zip(prompts, trees)):
+        alone = runner_for(model)
+        prefill(alone, prompt[:-2])
+        expected = forward_tree(alone, prompt[-2:], tree)
+        torch.testing.assert_close(logits[b, :len(tree) + 1], expected, rtol=1e-4, atol=1e-4)
