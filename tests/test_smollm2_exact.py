@@ -54,3 +54,27 @@ def test_smollm2_greedy_is_exact(smollm2_engine, case):
     assert result.sequences.tolist() == expected.tolist()
     if draft_kind == "target":
         assert result.stats.mean_accepted > 4.0  # the draft is always right
+
+
+@pytest.mark.parametrize("draft_kind, config", [
+    ("layers4", OuroborosConfig(gamma=3, num_suffixes=2, draft_phrases=1, root_phrases=1)),
+    (None, OuroborosConfig.preset("lookahead", window_size=3, num_suffixes=3)),
+], ids=["draft-4-layers", "lookahead"])
+def test_smollm2_batch_rows_are_exact(smollm2_engine, draft_kind, config):
+    """The three prompts (different lengths) in one left-padded batch: each row is its
+    prompt's own greedy output."""
+    model, prompts, references = smollm2_engine
+    draft = truncated_draft(model, 4) if draft_kind == "layers4" else None
+    width = max(ids.shape[1] for ids in prompts)
+    pad = 2
+    input_ids = torch.stack([torch.cat([torch.full((width - ids.shape[1],), pad), ids[0]])
+                             for ids in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(width - ids.shape[1], dtype=torch.int64),
+                                   torch.ones(ids.shape[1], dtype=torch.int64)])
+                        for ids in prompts])
+    result = OuroborosDecoder(model, draft, config).generate(
+        input_ids, NEW_TOKENS, attention_mask=mask, pad_token_id=pad)
+    for row, (ids, expected) in enumerate(zip(prompts, references)):
+        assert result.new_tokens[row] == expected[0, ids.shape[1]:].tolist(), row
+        assert result.rows[row].sequences.tolist() == expected.tolist()
+    assert torch.equal(result.sequences[:, :width], input_ids)
