@@ -327,8 +327,9 @@ def pool_update(config, tokens: Sequence[int], verification: VerificationTree,
 
 def apply_pool_updates(pool, updates: Sequence[PoolUpdate], device: torch.device) -> int:
     """Write the updates of a step's sequences: every refinement first (row order; they
-    name slots found before any insert moved them), then each sequence's n-grams and
-    committed-text n-grams, in row order. Returns the number of refinements written."""
+    name slots found before any insert moved them), then one insert of every sequence's
+    n-grams followed by its committed-text n-grams, in row order (the pool inserts in
+    order: the same as inserting row by row). Returns the number of refinements written."""
     keys = [k for update in updates for k in update.refine_keys]
     if keys:
         slots = [s for update in updates for s in update.refine_slots]
@@ -336,11 +337,13 @@ def apply_pool_updates(pool, updates: Sequence[PoolUpdate], device: torch.device
         pool.refine(torch.tensor(keys, dtype=torch.int64, device=device),
                     torch.tensor(slots, dtype=torch.int64, device=device),
                     torch.tensor(phrases, dtype=torch.int64, device=device))
+    rows: list[list[int]] = []
+    length = pool.phrase_len
     for update in updates:
-        if update.ngrams:
-            rows = torch.tensor(update.ngrams, dtype=torch.int64, device=device)
-            pool.insert(rows[:, 0], rows[:, 1:])
-        if update.output_ngrams:
-            pool.insert_ngrams(torch.tensor(update.sequence, dtype=torch.int64,
-                                            device=device))
+        rows += update.ngrams
+        sequence = update.sequence
+        rows += [sequence[i:i + length + 1] for i in range(update.output_ngrams)]
+    if rows:
+        table = torch.tensor(rows, dtype=torch.int64, device=device)
+        pool.insert(table[:, 0], table[:, 1:])
     return len(keys)
