@@ -92,7 +92,9 @@ class GenerationStats:
     ``"g3 K2 R0 P1"``: γ = 3 draft tokens, K = 2 suffixes, no root phrases, one pool phrase
     per draft pass); one shape unless the trees adapt. Pool traffic: ``prompt_ngrams``,
     ``output_ngrams``, ``inspiration_ngrams``, ``window_ngrams`` inserted, ``refinements``
-    written. Times in seconds: draft model passes, target verification (forward, choice,
+    written. ``host_reads``: reads of the device the steps made (`host_read`: one per pool
+    lookup and one per acceptance, for the batch as a whole). Times in seconds: draft model
+    passes, target verification (forward, choice,
     acceptance), pool operations, and the rest; ``time_prefill`` is the part of the total
     spent prefilling the prompt into both caches (the draft's share also counts as draft
     time), so ``time_total - time_prefill`` is the decoding phase.
@@ -120,6 +122,7 @@ class GenerationStats:
     refinements: int = 0
     root_phrase_tokens: int = 0
     shapes: dict[str, int] = field(default_factory=dict)
+    host_reads: int = 0
     finish_reason: str = ""
     time_draft: float = 0.0
     time_verify: float = 0.0
@@ -380,38 +383,49 @@ class Acceptance:
     accepted_len: torch.Tensor | None
 
 
-def accept(tree: TokenTree, choices: torch.Tensor, sampled: bool) -> Acceptance:
+def host_read(tensor: torch.Tensor, stats: GenerationStats | None = None) -> list:
+    """``tensor.tolist()``, counted in ``stats.host_reads``: every read of the device the
+    decoding step makes goes through here (a read waits for the device to finish)."""
+    if stats is not None:
+        stats.host_reads += 1
+    return tensor.tolist()
+
+
+def accept(tree: TokenTree, choices: torch.Tensor, sampled: bool,
+           stats: GenerationStats | None = None) -> Acceptance:
     """Accept the deepest correct path of ``tree`` given ``choices: int64[len(tree) + 1]`` (the
-    model's choice after the pending end, then after each node). One host read."""
+    model's choice after the pending end, then after each node). One host read (counted in
+    ``stats``)."""
     if len(tree) == 0:
-        host = choices.tolist()
+        host = host_read(choices, stats)
         return Acceptance([], [], host[0], host, None, None)
     device = choices.device
     tree_tokens = torch.tensor([tree.tokens], dtype=torch.int64, device=device)
     parents = torch.tensor(tree.parents, dtype=torch.int32, device=device)
     rule = ouroboros_kernels.accept_sampled if sampled else ouroboros_kernels.accept_greedy
     accepted_idx, accepted_len, bonus = rule(tree_tokens, parents, choices[None])
-    host = torch.cat([accepted_len.to(torch.int64), bonus, accepted_idx[0].to(torch.int64),
-                      choices]).tolist()  # the one read of the pass
+    host = host_read(torch.cat([accepted_len.to(torch.int64), bonus,
+                                accepted_idx[0].to(torch.int64), choices]), stats)
     length, bonus_token = host[0], host[1]
     path = host[2:2 + length]
     return Acceptance(path, [tree.tokens[n] for n in path], bonus_token, host[2 + len(tree):],
                       accepted_idx, accepted_len)
 
 
-def accept_rows(trees: Sequence[TokenTree], choices: torch.Tensor, sampled: bool
+def accept_rows(trees: Sequence[TokenTree], choices: torch.Tensor, sampled: bool,
+                stats: GenerationStats | None = None
                 ) -> tuple[list[Acceptance], torch.Tensor | None, torch.Tensor | None]:
     """`accept` for every row: ``choices: int64[R, 1 + t_max]`` (row b: after its pending end,
     then after each of its nodes). Returns the rows' outcomes and the batched
     ``(accepted_idx int32[R, t_max], accepted_len int32[R])`` for `StaticKVCache.commit`
     (None when no row has a tree). One host read."""
     if len(trees) == 1:
-        outcome = accept(trees[0], choices[0, :len(trees[0]) + 1], sampled)
+        outcome = accept(trees[0], choices[0, :len(trees[0]) + 1], sampled, stats)
         return [outcome], outcome.accepted_idx, outcome.accepted_len
     num_rows = len(trees)
     widest = max(len(tree) for tree in trees)
     if widest == 0:
-        host = choices[:, 0].tolist()
+        host = host_read(choices[:, 0], stats)
         return [Acceptance([], [], token, [token], None, None) for token in host], None, None
     # Padding nodes carry token -1: never equal to a choice, never accepted.
     tokens = [tree.tokens + [-1] * (widest - len(tree)) for tree in trees]
@@ -421,8 +435,9 @@ def accept_rows(trees: Sequence[TokenTree], choices: torch.Tensor, sampled: bool
     accepted_idx, accepted_len, bonus = rule(
         torch.tensor(tokens, dtype=torch.int64, device=device),
         torch.tensor(parents, dtype=torch.int32, device=device), choices)
-    host = torch.cat([accepted_len.to(torch.int64), bonus, accepted_idx.flatten().to(
-        torch.int64), choices.flatten()]).tolist()  # the one read of the pass
+    host = host_read(torch.cat([accepted_len.to(torch.int64), bonus,
+                                accepted_idx.flatten().to(torch.int64), choices.flatten()]),
+                     stats)
     outcomes = []
     for b, tree in enumerate(trees):
         length = host[b]
@@ -620,7 +635,8 @@ class Session:
         if self.pool is None or count <= 0:
             return [[] for _ in keys]
         with _Timer(self.stats, "time_pool"):
-            return lookup_phrases(self.pool, keys, count, self.lookup_buffers, self.device)
+            return lookup_phrases(self.pool, keys, count, self.lookup_buffers, self.device,
+                                  lambda tensor: host_read(tensor, self.stats))
 
     def insert_ngrams(self, row: Row, ngrams: list[list[int]]) -> int:
         """Insert ``[key, phrase...]`` n-grams into the pool; returns how many."""
@@ -687,7 +703,7 @@ def draft_phase(session: Session, budgets: list[int],
             logits = forward_rows(runner, items)
             trees = [tree for _, tree in items]
             outcomes, accepted_idx, accepted_len = accept_rows(trees, logits.argmax(dim=-1),
-                                                               sampled=False)
+                                                               False, stats)
             counts = [len(p) for p, _ in items]
             runner.cache.commit(counts[0] if len(rows) == 1 else counts, accepted_idx,
                                 accepted_len, [len(o.path) for o in outcomes], runner.backend)
@@ -768,7 +784,7 @@ def verify(session: Session, verifications: list[VerificationTree]
                     row_logits = row.rules.apply(row_logits, row, tree)
                 choices[b, :len(tree) + 1] = choose_tokens(row_logits, session.sampling,
                                                            node_uniforms(row, tree))
-        result = accept_rows(trees, choices, sampled=session.sampling.do_sample)
+        result = accept_rows(trees, choices, session.sampling.do_sample, stats)
     stats.target_passes += 1
     for row in rows:
         row.stats.target_passes += 1
@@ -889,6 +905,7 @@ def _finish(session: Session, row: Row, reason: str, start: float) -> None:
     stats.finish_reason = "context" if reason == "length" and row.context_limited else reason
     stats.new_tokens = len(row.generated)
     stats.prefill_passes = total.prefill_passes
+    stats.host_reads = total.host_reads
     for name in ("time_draft", "time_verify", "time_pool", "time_prefill"):
         setattr(stats, name, getattr(total, name))
     stats.time_total = time.perf_counter() - start

@@ -143,12 +143,14 @@ class JacobiWindow:
 
 
 def lookup_phrases(pool, keys: Sequence[int], count: int, buffers: dict,
-                   device: torch.device) -> list[Phrases]:
+                   device: torch.device,
+                   read: Callable[[torch.Tensor], list] = torch.Tensor.tolist) -> list[Phrases]:
     """The ``count`` most recent pool phrases of each key, newest first, in one batched
     lookup: ``[[(slot, tokens), ...] per key]`` (a key of -1 finds nothing).
 
     ``buffers`` keeps the lookup's result buffers (`CandidatePool.empty_lookup`) and the key
-    tensor per ``(keys, count)`` shape between calls, so a step allocates nothing."""
+    tensor per ``(keys, count)`` shape between calls, so a step allocates nothing. ``read``
+    turns the result into host lists (one read; the engine counts it)."""
     if pool is None or count <= 0 or not keys:
         return [[] for _ in keys]
     shape = (len(keys), count)
@@ -162,8 +164,8 @@ def lookup_phrases(pool, keys: Sequence[int], count: int, buffers: dict,
     else:
         key_tensor.copy_(torch.tensor(keys, dtype=torch.int64))
     phrases, counts, slots = pool.lookup(key_tensor, count, out=out)
-    found = torch.cat([counts.to(torch.int64), slots.flatten().to(torch.int64),
-                       phrases.flatten().to(torch.int64)]).tolist()  # the one host read
+    found = read(torch.cat([counts.to(torch.int64), slots.flatten().to(torch.int64),
+                            phrases.flatten().to(torch.int64)]))  # the one host read
     num_keys, length = len(keys), pool.phrase_len
     result = []
     for i in range(num_keys):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from engine_models import (  # noqa: F401  (single_thread is a fixture)
     greedy_reference,
+    perturbed,
     random_prompt,
     single_thread,
     tiny_llama,
@@ -166,3 +167,22 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", cpu)
     with pytest.raises(ValueError, match="attention backend must be one of"):
         resolve_backend("xformers", cpu)
+
+
+@pytest.mark.parametrize("method", ["greedy", "speculative", "lookahead", "ouroboros"])
+def test_host_reads_are_counted_per_pass(target, method):
+    """Every read of the device goes through `host_read`: one per acceptance (draft and
+    target passes) and one per batched pool lookup, never one per row of a batch."""
+    config = OuroborosConfig.preset(method)
+    decoder = OuroborosDecoder(target, perturbed(target, 0.3, seed=1) if config.use_draft
+                               else None, config)
+    prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (6, 11, 3)]
+    for batch in (prompts[:1], prompts):
+        result = decoder.generate(batch, 20)
+        stats = result.stats
+        lookups_per_step = 0 if not config.uses_pool else 1
+        lookups_per_draft_pass = 1 if config.uses_pool and config.draft_phrases else 0
+        bound = stats.target_passes * (1 + lookups_per_step) + \
+            stats.draft_passes * (1 + lookups_per_draft_pass)
+        assert stats.target_passes <= stats.host_reads <= bound
+        assert all(row.stats.host_reads <= stats.host_reads for row in result.rows)
