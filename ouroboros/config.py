@@ -20,6 +20,7 @@ from dataclasses import dataclass
 __all__ = ["ATTENTION_BACKENDS", "PRESETS", "OuroborosConfig", "OverrideError"]
 
 ATTENTION_BACKENDS = ("triton", "reference")
+STEPS = ("host", "device")  # OuroborosConfig.step
 PRESETS = ("greedy", "speculative", "lookahead", "ouroboros")
 
 
@@ -75,6 +76,10 @@ class OuroborosConfig:
         force_architecture: allow models other than the verified ``LlamaForCausalLM``.
         cache_margin: spare rows in the static KV caches beyond prompt + max_new_tokens +
             the largest tree. Default 8.
+        step: ``"host"`` (default): the step that builds each tree on the host, any
+            configuration; ``"device"``: the static-shape step with one host read per step
+            (`ouroboros.device_step`: token-by-token drafting, suffixes and root phrases, no
+            window, greedy, fixed trees).
         window_seed: seed of the Jacobi window's initial guesses (drawn from the prompt).
 
     None of these settings changes the output: greedy decoding is token-for-token that of
@@ -101,6 +106,7 @@ class OuroborosConfig:
     force_architecture: bool = False
     cache_margin: int = 8
     window_seed: int = 0
+    step: str = "host"
     name: str = "ouroboros"
 
     def __post_init__(self) -> None:
@@ -120,6 +126,8 @@ class OuroborosConfig:
         if not self.use_draft and self.gamma != 0:
             raise ValueError(f"gamma must be 0 without a draft model (use_draft=False), got "
                              f"{self.gamma}")
+        if self.step not in STEPS:
+            raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
         if self.attention_backend is not None and self.attention_backend not in \
                 ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS} or None, "

@@ -740,8 +740,18 @@ class OuroborosDecoder:
         elif streamer is not None:
             def callback(_row: int, chunk: list[int]) -> None:
                 streamer(chunk)
+        make_step = None
+        if config.step == "device":
+            from ouroboros.device_step import DeviceStepper, unsupported
+
+            why = unsupported(config, sampling, any(row.rules for row in session_rows),
+                              any(row.planner for row in session_rows))
+            if why is not None:
+                raise ValueError(f"config.step='device' cannot run this call: {why}; use "
+                                 f"step='host'")
+            make_step = DeviceStepper
         if live:
-            run_generation(session, callback)
+            run_generation(session, callback, make_step)
         else:  # every row was at the end of the context already
             for row in session_rows:
                 session.stats.add(row.stats)

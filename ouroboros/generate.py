@@ -912,10 +912,13 @@ def _finish(session: Session, row: Row, reason: str, start: float) -> None:
 
 
 def run_generation(session: Session,
-                   streamer: Callable[[int, list[int]], None] | None = None) -> None:
+                   streamer: Callable[[int, list[int]], None] | None = None,
+                   make_step: Callable | None = None) -> None:
     """Prefill both models with every row's prompt, then `decode_step` until each row's
     stop rules fire; a finished row leaves the caches' batch. ``streamer(row.index, chunk)``
-    gets each row's emitted tokens as soon as they are committed. Fills each row's
+    gets each row's emitted tokens as soon as they are committed. ``make_step(session)``
+    (after the prefill) gives another step function (`ouroboros.device_step.DeviceStepper`:
+    called like `decode_step`, told by ``keep(rows)`` which rows remain). Fills each row's
     ``tokens`` (prompt + new), ``generated`` and ``stats``, and the session's totals."""
     stats = session.stats
     start = time.perf_counter()
@@ -928,8 +931,9 @@ def run_generation(session: Session,
             with _Timer(stats, "time_draft"):
                 prefill_rows(session.draft, prompts)
     stats.time_prefill = time.perf_counter() - start
+    step = make_step(session) if make_step is not None and session.live else decode_step
     while session.live:
-        chunks = decode_step(session)
+        chunks = step(session)
         for row, chunk in zip(session.live, chunks):
             emitted, reason = row.stop_rules.clip_reason(row.generated, chunk)
             row.generated += emitted
@@ -942,6 +946,8 @@ def run_generation(session: Session,
             session.target.cache.keep_rows(keep)
             if session.draft is not None:
                 session.draft.cache.keep_rows(keep)
+            if step is not decode_step:
+                step.keep(keep)
             session.live = [session.live[b] for b in keep]
     stats.time_total = time.perf_counter() - start
     for row in session.rows:

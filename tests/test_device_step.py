@@ -1,0 +1,116 @@
+"""The static-shape device step (``OuroborosConfig(step="device")``, `ouroboros.device_step`):
+exact on one sequence and on batches, one host read per step, clear errors for what it
+does not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_models import (  # noqa: F401  (single_thread is a fixture)
+    EOS,
+    greedy_reference,
+    perturbed,
+    random_prompt,
+    single_thread,
+    tiny_llama,
+)
+
+from ouroboros import OuroborosConfig, OuroborosDecoder
+from ouroboros.device_step import TreeLayout
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONFIGS = {
+    "speculative": OuroborosConfig.preset("speculative", gamma=4, step="device"),
+    "suffixes": OuroborosConfig(gamma=3, draft_phrases=0, num_suffixes=3, step="device"),
+    "roots": OuroborosConfig(gamma=2, draft_phrases=0, num_suffixes=2, root_phrases=2,
+                             ngram=3, step="device"),
+    "long-phrases": OuroborosConfig(gamma=5, draft_phrases=0, num_suffixes=4, ngram=6,
+                                    step="device"),
+    "no-updates": OuroborosConfig(gamma=3, draft_phrases=0, num_suffixes=2, inspiration=False,
+                                  refinement=False, pool_from_output=False, step="device"),
+}
+
+
+def _models(dtype, draft_kind):
+    target = tiny_llama(0, dtype=dtype)
+    draft = target if draft_kind == "target" else perturbed(target, 0.3, seed=1)
+    return target, draft
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("draft_kind", ["target", "perturbed"])
+def test_device_step_rows_are_exact(name, draft_kind):
+    target, draft = _models(torch.float32, draft_kind)
+    config = CONFIGS[name]
+    decoder = OuroborosDecoder(target, draft, config)
+    prompts = [random_prompt(n, 48, seed=7 * n)[0].tolist() for n in (4, 19, 1, 33, 9)]
+    result = decoder.generate(prompts, 30)
+    for row, prompt in enumerate(prompts):
+        expected = greedy_reference(target, torch.tensor([prompt]), 30)[0, len(prompt):]
+        assert result.new_tokens[row] == expected.tolist(), (name, row)
+    # One read of the device per step, for the whole batch.
+    assert result.stats.host_reads == result.stats.target_passes
+    alone = decoder.generate(prompts[3], 30)
+    assert alone.new_tokens.tolist() == result.new_tokens[3]
+    assert alone.stats.host_reads == alone.stats.target_passes
+    if draft_kind == "target":  # the draft is always right: whole chains are accepted
+        assert alone.stats.mean_accepted > config.gamma
+
+
+@pytest.mark.parametrize("name", ["suffixes", "roots"])
+def test_device_step_float64_with_eos_and_the_end_of_the_budget(name):
+    target, draft = _models(torch.float64, "perturbed")
+    config = CONFIGS[name].replace(attention_backend="reference")
+    decoder = OuroborosDecoder(target, draft, config)
+    prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (6, 13, 2)]
+    for new_tokens in (1, 2, 7, 25):  # trees cut by the budget (nodes past the last position)
+        result = decoder.generate(prompts, new_tokens, eos_token_id=EOS)
+        for row, prompt in enumerate(prompts):
+            expected = greedy_reference(target, torch.tensor([prompt]), new_tokens,
+                                        eos_token_id=EOS)[0, len(prompt):]
+            assert result.new_tokens[row] == expected.tolist(), (new_tokens, row)
+
+
+def test_device_step_keeps_a_warm_pool_and_learns():
+    target, draft = _models(torch.float32, "perturbed")
+    decoder = OuroborosDecoder(target, draft, CONFIGS["suffixes"])
+    prompt = [5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7]
+    first = decoder.generate(prompt, 40)
+    again = decoder.generate(prompt, 40)
+    expected = greedy_reference(target, torch.tensor([prompt]), 40)[0, len(prompt):].tolist()
+    assert first.new_tokens.tolist() == again.new_tokens.tolist() == expected
+    assert first.stats.output_ngrams > 0 and first.stats.prompt_ngrams > 0
+    assert decoder.pool.num_phrases() > 0
+    assert again.stats.suffix_tokens >= first.stats.suffix_tokens  # the pool knows the text
+
+
+def test_the_layout():
+    layout = TreeLayout.build(gamma=2, roots=1, suffixes=2, length=2, device=torch.device("cpu"))
+    # nodes: draft 0, 1; root phrase 2, 3 (from the pending token); suffixes 4, 5 and 6, 7
+    assert layout.parents.tolist() == [-1, 0, -1, 2, 1, 4, 1, 6]
+    assert layout.depths.tolist() == [0, 1, 2, 1, 2, 3, 4, 3, 4]
+    assert layout.choice_of_parent.tolist() == [0, 3, 2, 5, 2, 7]
+    assert layout.num_columns == 9
+
+
+@pytest.mark.parametrize("config, kwargs, message", [
+    (OuroborosConfig(gamma=2, draft_phrases=2, step="device"), {}, "draft_phrases=0"),
+    (OuroborosConfig(gamma=2, draft_phrases=0, window=True, step="device"), {}, "window"),
+    (CONFIGS["suffixes"], {"do_sample": True, "seed": 0}, "greedily"),
+    (CONFIGS["suffixes"].replace(adaptive=True), {}, None),  # tuning off: a fixed tree
+])
+def test_what_the_device_step_refuses(config, kwargs, message):
+    target, draft = _models(torch.float32, "perturbed")
+    decoder = OuroborosDecoder(target, draft, config)
+    if message is None:
+        decoder.generate([3, 4, 5], 5, **kwargs)
+        return
+    with pytest.raises(ValueError, match=f"step='device' cannot run this call: .*{message}"):
+        decoder.generate([3, 4, 5], 5, **kwargs)
+    with pytest.raises(ValueError, match="step must be one of"):
+        OuroborosConfig(step="gpu")
+    lookahead = OuroborosDecoder(target, None, OuroborosConfig.preset("lookahead",
+                                                                      step="device"))
+    with pytest.raises(ValueError, match="needs a draft model"):
+        lookahead.generate([3, 4, 5], 5)
