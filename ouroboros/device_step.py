@@ -20,9 +20,10 @@ read. This step keeps the step on the device (docs/architecture.md §9):
   tokens and the accepted nodes and tokens of every row, for stopping, streaming and the
   host's copies of the lengths.
 
-Supported: a draft model (γ >= 1) drafting token by token (``draft_phrases == 0``), K
-suffixes and R root phrases, no window, greedy decoding, fixed trees, no generation-config
-rules (`unsupported` says what is not). Exactness is the same argument as for the host
+Supported: a draft model (γ >= 1) drafting token by token (``draft_phrases == 0``) or no
+draft (γ = 0: greedy, or K suffixes keyed by the last committed token), K suffixes and R
+root phrases, no window, greedy decoding, fixed trees, no generation-config rules
+(`unsupported` says what is not). Exactness is the same argument as for the host
 step: a token is emitted only when the target chose it in exactly that context.
 """
 
@@ -40,9 +41,7 @@ __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
 
 def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
     """Why the device step cannot run this call (None: it can)."""
-    if not config.use_draft:
-        return "it needs a draft model (use_draft=True)"
-    if config.draft_phrases:
+    if config.use_draft and config.draft_phrases:
         return "it drafts token by token (draft_phrases=0)"
     if config.window:
         return "it has no Jacobi window (window=False)"
@@ -172,14 +171,18 @@ class DeviceStepper:
         committed_from = [len(row.tokens) for row in rows]
         before = session.target.cache.lengths.to(torch.int64)  # = committed - 1
         last_token = self.tokens.gather(1, before[:, None])  # [B, 1], the pending token
-        with _Timer(stats, "time_draft"):
-            drafted = self._draft_chain()
+        if session.draft is not None:
+            with _Timer(stats, "time_draft"):
+                drafted = self._draft_chain()
+        else:  # no draft model: suffixes keyed by the last committed token
+            drafted = last_token[:, :0]
+        end_token = drafted[:, -1] if gamma else last_token[:, 0]
         phrases_wanted = max(layout.roots, layout.suffixes)
         parts = [drafted]
         slots = found = None
         if phrases_wanted:
             with _Timer(stats, "time_pool"):
-                keys = torch.cat([last_token[:, 0], drafted[:, -1]])
+                keys = torch.cat([last_token[:, 0], end_token])
                 found, _, slots = session.pool.lookup(keys, phrases_wanted)
                 found, slots = found.to(torch.int64), slots.to(torch.int64)
             found = torch.cat([found[:num_rows, :layout.roots],
@@ -197,8 +200,13 @@ class DeviceStepper:
                            layout.num_columns)
             choices = logits.argmax(dim=-1)  # [B, T]
             candidates = torch.where(beyond[:, 1:], -1, nodes)
-            accepted_idx, accepted_len, bonus = ouroboros_kernels.accept_greedy(
-                candidates, layout.parents, choices)
+            if nodes.shape[1]:
+                accepted_idx, accepted_len, bonus = ouroboros_kernels.accept_greedy(
+                    candidates, layout.parents, choices)
+            else:  # greedy decoding: the tree is the pending token alone
+                accepted_idx = nodes.to(torch.int32)
+                accepted_len = torch.zeros(num_rows, dtype=torch.int32, device=device)
+                bonus = choices[:, 0]
             path_tokens = nodes.gather(1, accepted_idx.clamp(min=0).to(torch.int64))
             num_nodes = nodes.shape[1]
             host = host_read(torch.cat([accepted_len.to(torch.int64), bonus,
@@ -216,8 +224,9 @@ class DeviceStepper:
                           for path in paths]
         session.target.cache.commit(1, accepted_idx, accepted_len, lengths,
                                     session.target.backend)
-        session.draft.cache.truncate(
-            [start + min(gamma - 1, a) for start, a in zip(committed_from, accepted_draft)])
+        if session.draft is not None:
+            session.draft.cache.truncate([start + min(gamma - 1, a)
+                                          for start, a in zip(committed_from, accepted_draft)])
         # The device copy of the tokens: the chunks written behind each row's text.
         widest = max(len(chunk) for chunk in chunks)
         table = torch.tensor([chunk + [chunk[-1]] * (widest - len(chunk)) for chunk in chunks],
@@ -232,8 +241,9 @@ class DeviceStepper:
             self._count(row, paths[b], accepted_draft[b])
         if session.pool is not None:
             with _Timer(stats, "time_pool"):
-                self._update_pool(config, drafted, last_token, choices, found, slots, beyond,
-                                  accepted_idx, accepted_len, committed_from, chunks)
+                self._update_pool(config, drafted, last_token, end_token, choices, found,
+                                  slots, beyond, accepted_idx, accepted_len, committed_from,
+                                  chunks)
         return chunks
 
     def _count(self, row, path: list[int], accepted_draft: int) -> None:
@@ -241,8 +251,9 @@ class DeviceStepper:
         stats = row.stats
         gamma, root_end = layout.gamma, layout.gamma + layout.roots * layout.length
         stats.target_passes += 1
-        stats.draft_passes += gamma
-        stats.draft_tokens += gamma
+        if self.session.draft is not None:
+            stats.draft_passes += gamma
+            stats.draft_tokens += gamma
         stats.accepted_draft_tokens += accepted_draft
         from_roots = sum(1 for n in path if gamma <= n < root_end)
         from_suffixes = sum(1 for n in path if n >= root_end)
@@ -251,8 +262,8 @@ class DeviceStepper:
         label = f"g{gamma} K{layout.suffixes} R{layout.roots} P0"
         stats.shapes[label] = stats.shapes.get(label, 0) + 1
 
-    def _update_pool(self, config, drafted, last_token, choices, found, slots, beyond,
-                     accepted_idx, accepted_len, committed_from, chunks) -> None:
+    def _update_pool(self, config, drafted, last_token, end_token, choices, found, slots,
+                     beyond, accepted_idx, accepted_len, committed_from, chunks) -> None:
         """Refinement, inspiration and committed-text n-grams as padded tensors (rows with
         -1 are skipped by the pool), written as the host step writes them: every
         refinement, then each row's inserts in row order."""
@@ -273,12 +284,12 @@ class DeviceStepper:
             changed = (corrected != found).any(dim=2)
             refine = (found[:, :, 0] >= 0) & in_tree & in_context & changed
             keys = torch.cat([last_token.expand(-1, layout.roots),
-                              drafted[:, -1:].expand(-1, layout.suffixes)], dim=1)
+                              end_token[:, None].expand(-1, layout.suffixes)], dim=1)
             keys = torch.where(refine, keys, -1)
             pool.refine(keys.flatten(), torch.where(refine, slots, -1).flatten(),
                         corrected.flatten(0, 1))
         inserts = []
-        if config.inspiration:
+        if config.inspiration and gamma:
             # [token before the rejection, the target's choices from there to the end].
             texts = torch.cat([last_token, drafted], dim=1)  # [B, 1 + γ]
             before = texts.gather(1, accepted_draft[:, None])
@@ -315,5 +326,5 @@ class DeviceStepper:
             if config.pool_from_output:
                 row.stats.output_ngrams += start + len(chunk) - max(0, start - length) - length
         for row, accepted in zip(self.session.live, self._accepted_draft):
-            if config.inspiration and accepted < gamma:
+            if config.inspiration and gamma and accepted < gamma:
                 row.stats.inspiration_ngrams += max(0, gamma - accepted + 2 - length)
