@@ -150,10 +150,10 @@ def _prompt_tokens(input_ids: object) -> list[int]:
 def is_batch(input_ids: object, attention_mask: object) -> bool:
     """Whether a call decodes a batch: a list of token lists, a 2-D tensor of more than one
     row, or any 2-D tensor with an ``attention_mask``."""
-    if isinstance(input_ids, torch.Tensor):
-        return input_ids.dim() == 2 and (input_ids.shape[0] > 1 or attention_mask is not None)
     if attention_mask is not None:
-        return True
+        return True  # (a mask with one sequence of ids is refused by `batch_prompts`)
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
     return isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)) and \
         len(input_ids) > 0 and all(isinstance(row, (Sequence, torch.Tensor)) and
                                    not isinstance(row, (str, bytes)) for row in input_ids)
@@ -167,8 +167,8 @@ def batch_prompts(input_ids: object, attention_mask: object) -> list[list[int]]:
     if isinstance(input_ids, torch.Tensor):
         _integer_tensor("input_ids", input_ids)
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-            raise ValueError(f"input_ids of a batch must be [B, S] with B >= 1, got shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(f"input_ids of a batch (with an attention_mask, or B > 1) must "
+                             f"be [B, S] with B >= 1, got shape {tuple(input_ids.shape)}")
         rows = input_ids.tolist()
         if attention_mask is None:
             masks = [[1] * len(row) for row in rows]
@@ -200,7 +200,8 @@ def batch_prompts(input_ids: object, attention_mask: object) -> list[list[int]]:
     prompts = [_token_list(row, f"input_ids row {b}") for b, row in enumerate(input_ids)]
     for b, prompt in enumerate(prompts):
         if not prompt:
-            raise ValueError(f"input_ids row {b} is empty: every prompt needs a token")
+            raise ValueError(f"input_ids row {b} is empty: row {b} has no tokens (every "
+                             f"prompt needs one)")
     return prompts
 
 

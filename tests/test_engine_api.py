@@ -186,3 +186,15 @@ def test_host_reads_are_counted_per_pass(target, method):
             stats.draft_passes * (1 + lookups_per_draft_pass)
         assert stats.target_passes <= stats.host_reads <= bound
         assert all(row.stats.host_reads <= stats.host_reads for row in result.rows)
+
+
+def test_an_attention_mask_needs_a_batch_of_ids(target):
+    decoder = OuroborosDecoder(target, None, "greedy")
+    with pytest.raises(ValueError, match=r"with an attention_mask.*\[B, S\]"):
+        decoder.generate(torch.tensor([3, 4, 5]), 4, attention_mask=torch.ones(3))
+    with pytest.raises(ValueError, match="attention_mask goes with input_ids"):
+        decoder.generate([3, 4, 5], 4, attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="row 1 has no tokens"):
+        decoder.generate([[3, 4], []], 4)
+    one = decoder.generate(torch.tensor([[3, 4, 5]]), 4, attention_mask=torch.ones(1, 3))
+    assert isinstance(one, ouroboros.BatchGenerationResult) and len(one) == 1
