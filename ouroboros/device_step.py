@@ -22,8 +22,9 @@ read. This step keeps the step on the device (docs/architecture.md §9):
 
 Supported: a draft model (γ >= 1) drafting token by token (``draft_phrases == 0``) or no
 draft (γ = 0: greedy, or K suffixes keyed by the last committed token), K suffixes and R
-root phrases, no window, greedy decoding, fixed trees, no generation-config rules
-(`unsupported` says what is not). Exactness is the same argument as for the host
+root phrases, no window, greedy decoding or sampling (the same uniform per output position
+as the host step: a seed gives the same text with both steps), fixed trees, no
+generation-config rules (`unsupported` says what is not). Exactness is the same argument as for the host
 step: a token is emitted only when the target chose it in exactly that context.
 """
 
@@ -35,6 +36,7 @@ import torch
 
 import ouroboros_kernels
 from ouroboros.generate import Session, _call, _Timer, host_read
+from ouroboros.sampling import choose_tokens
 
 __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
 
@@ -45,8 +47,6 @@ def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
         return "it drafts token by token (draft_phrases=0)"
     if config.window:
         return "it has no Jacobi window (window=False)"
-    if sampling.do_sample:
-        return "it decodes greedily (do_sample=False)"
     if rules:
         return ("it applies no generation-config rules (repetition penalty, suppressed "
                 "tokens, ...)")
@@ -117,12 +117,17 @@ class DeviceStepper:
         self.last_positions = torch.tensor([row.last_position for row in rows],
                                            dtype=torch.int64, device=device)
         self.pending_width = config.phrase_len + 2  # most tokens the draft catches up on
+        # Sampling: every row's uniforms u_p (one per output position), [B, U].
+        self.uniforms = torch.stack([row.uniforms for row in rows]) \
+            if session.sampling.do_sample else None
 
     def keep(self, rows: list[int]) -> None:
         """The live rows ``rows`` remain (as `StaticKVCache.keep_rows`)."""
         index = torch.tensor(rows, dtype=torch.int64, device=self.tokens.device)
         self.tokens = self.tokens.index_select(0, index)
         self.last_positions = self.last_positions.index_select(0, index)
+        if self.uniforms is not None:
+            self.uniforms = self.uniforms.index_select(0, index)
 
     # ------------------------------------------------------------------ the step
 
@@ -198,11 +203,22 @@ class DeviceStepper:
             input_ids = torch.cat([last_token, nodes.clamp(min=0)], dim=1)
             logits = _call(session.target, input_ids, positions, layout.tree_mask, False,
                            layout.num_columns)
-            choices = logits.argmax(dim=-1)  # [B, T]
+            sampled = session.sampling.do_sample
+            if sampled:  # the choice after column c decides new token `generated + depth(c)`
+                generated = torch.tensor([len(row.tokens) - row.prompt_length for row in rows],
+                                         dtype=torch.int64).to(device)
+                index = (generated[:, None] + layout.depths[None]).clamp(
+                    max=self.uniforms.shape[1] - 1)
+                choices = choose_tokens(logits.flatten(0, 1), session.sampling,
+                                        self.uniforms.gather(1, index).flatten())
+                choices = choices.view(num_rows, -1)
+            else:
+                choices = logits.argmax(dim=-1)  # [B, T]
             candidates = torch.where(beyond[:, 1:], -1, nodes)
+            rule = ouroboros_kernels.accept_sampled if sampled \
+                else ouroboros_kernels.accept_greedy
             if nodes.shape[1]:
-                accepted_idx, accepted_len, bonus = ouroboros_kernels.accept_greedy(
-                    candidates, layout.parents, choices)
+                accepted_idx, accepted_len, bonus = rule(candidates, layout.parents, choices)
             else:  # greedy decoding: the tree is the pending token alone
                 accepted_idx = nodes.to(torch.int32)
                 accepted_len = torch.zeros(num_rows, dtype=torch.int32, device=device)

@@ -100,7 +100,6 @@ def test_the_layout():
 @pytest.mark.parametrize("config, kwargs, message", [
     (OuroborosConfig(gamma=2, draft_phrases=2, step="device"), {}, "draft_phrases=0"),
     (OuroborosConfig(gamma=2, draft_phrases=0, window=True, step="device"), {}, "window"),
-    (CONFIGS["suffixes"], {"do_sample": True, "seed": 0}, "greedily"),
     (CONFIGS["suffixes"].replace(adaptive=True), {}, None),  # tuning off: a fixed tree
 ])
 def test_what_the_device_step_refuses(config, kwargs, message):
@@ -117,3 +116,25 @@ def test_what_the_device_step_refuses(config, kwargs, message):
                                                                       step="device"))
     with pytest.raises(ValueError, match="window"):
         lookahead.generate([3, 4, 5], 5)
+
+
+@pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only"])
+def test_device_step_samples_what_the_host_step_samples(name):
+    """Both steps draw the token of output position p from the same uniform u_p: with one
+    seed, the same text (for one sequence and for every row of a batch)."""
+    target, draft = _models(torch.float32, "perturbed")
+    device_config = CONFIGS[name]
+    host_config = device_config.replace(step="host")
+    prompts = [random_prompt(n, 48, seed=3 * n)[0].tolist() for n in (5, 12, 2)]
+    outputs = []
+    for config in (device_config, host_config):
+        decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
+        batch = decoder.generate(prompts, 30, do_sample=True, temperature=1.3, top_k=20,
+                                 seed=11)
+        alone = decoder.generate(prompts[1], 30, do_sample=True, temperature=1.3, top_k=20,
+                                 seed=11)
+        assert alone.new_tokens.tolist() == batch.new_tokens[1]
+        outputs.append(batch.new_tokens)
+        if config.step == "device":
+            assert batch.stats.host_reads == batch.stats.target_passes
+    assert outputs[0] == outputs[1]
