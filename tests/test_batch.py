@@ -757,3 +757,24 @@ def test_a_batch_too_large_for_memory_is_refused():
         _raises(ValueError, lambda: decoder.generate(prompts, 10**7), "batch")
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["speculative", "lookahead", "ouroboros"])
+def test_batch_on_gpu_rows_match_generate(method):
+    """A batch of four on CUDA through the compiled kernels (float32, head dim 64)."""
+    from engine_models import perturbed as perturbed_model
+    from engine_models import tiny_llama as tiny
+
+    target = tiny(0, vocab=64, hidden=256, heads=4, kv_heads=2).cuda()
+    draft = perturbed_model(target, 0.05, seed=7) if method != "lookahead" else None
+    prompts = [torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (17, 4, 33, 9)]
+    decoder = OuroborosDecoder(target, draft, method)
+    result = decoder.generate(prompts, 40)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            expected = target.generate(torch.tensor([prompt]).cuda(), max_new_tokens=40,
+                                       do_sample=False)
+        assert result.new_tokens[row] == expected[0, len(prompt):].tolist(), row
