@@ -7,12 +7,17 @@
 # code is non-zero if any step failed. Budget on an H100: about 6-8 minutes in all.
 #
 #   OUT=/some/dir bash benchmarks/run_gpu.sh            # everything
-#   STEPS=info,install,bench bash benchmarks/run_gpu.sh # a subset of: info install test kernels bench sweep
+#   STEPS=info,install,bench bash benchmarks/run_gpu.sh # a subset of: info install test kernels bench
+#                                                       # replay sweep
 #   STEPS=info,install,sweep bash benchmarks/run_gpu.sh # the tree-attention launch-settings sweep
 #                                                       # (not in the default set: ~5 min more)
 #   STEPS=bench BENCH=pool,tree_attention QUICK=1 bash benchmarks/run_gpu.sh
 #                 # only benchmarks/bench_{pool,tree_attention}.py, each with --quick
 #   STEPS=bench BENCH=batch bash benchmarks/run_gpu.sh  # batched decoding, B = 1..32 (~90 s)
+#   STEPS=replay bash benchmarks/run_gpu.sh             # the recorded SmolLM2 traces replayed
+#                 # at Llama-3-8B / 3.2-1B shapes against transformers' greedy (~4 min, its
+#                 # own --budget-s; results replay_<card>.md/.json; REPLAY_ARGS adds
+#                 # arguments, e.g. REPLAY_ARGS="--shapes tiny --device cpu" on a CPU)
 #
 # One device call may run 10 minutes and info+install+tests take ~4.5 min on an H100 host,
 # so a full run is best split over back-to-back calls (the machine stays warm between them
@@ -28,7 +33,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${OUT:-benchmarks/results}"
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-info,install,test,kernels,bench}"
+STEPS="${STEPS:-info,install,test,kernels,bench,replay}"
 BENCH="${BENCH:-}"   # comma-separated names (pool, tree_attention, e2e, ...); empty = all
 QUICK="${QUICK:-0}"  # 1: pass --quick to the benchmarks
 WHEELS="${WHEELS:-wheels}"
@@ -120,6 +125,7 @@ fi
 if wants bench; then
   for bench in benchmarks/bench_*.py; do
     name=$(basename "$bench" .py)
+    if [ "$name" = bench_replay ]; then continue; fi  # the replay step runs it
     if [ -n "$BENCH" ] && [[ ",$BENCH," != *",${name#bench_},"* ]]; then continue; fi
     quick=()
     if [ "$QUICK" = 1 ] && grep -q -- '"--quick"' "$bench"; then quick=(--quick); fi
@@ -135,6 +141,18 @@ if wants bench; then
     fi
     step "$name" "$limit" "$PY" "$bench" --out "$OUT" "${quick[@]}" "${extra[@]}"
   done
+fi
+
+if wants replay; then
+  # The committed acceptance traces (benchmarks/results/traces, recorded on a CPU with the
+  # real SmolLM2 pair) replayed through the engine's passes on random-weight Llama-3-8B /
+  # Llama-3.2-1B shapes (bf16) against transformers' greedy generate (eager, and static
+  # cache + compile when the warm-up fits). --budget-s skips configurations that would not
+  # fit and says so; the step's own limit leaves room for the models and the report.
+  # REPLAY_ARGS: more arguments (the tests: "--shapes tiny --device cpu").
+  # shellcheck disable=SC2086
+  step bench_replay 240 "$PY" benchmarks/bench_replay.py --out "$OUT" --budget-s 200 \
+    --prompts 2 ${REPLAY_ARGS:-}
 fi
 
 if wants sweep; then
