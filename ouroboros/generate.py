@@ -317,8 +317,8 @@ def forward_rows(runner: ModelRunner, items: Sequence[tuple[Sequence[int], Token
         else:
             parents = list(range(-1, counts[0] - 1)) + [
                 p + counts[0] if p >= 0 else counts[0] - 1 for p in tree.parents]
-            tree_mask, depths = ouroboros_kernels.build_tree(
-                torch.tensor(parents, dtype=torch.int32, device=device))
+            tree_mask, depths = ouroboros_kernels.build_tree(  # parents built here: valid
+                torch.tensor(parents, dtype=torch.int32, device=device), validate=False)
             tree_mask = tree_mask[None]
             positions = (depths.to(torch.int64) + start)[None]
         out = _call(runner, input_ids, positions, tree_mask, chain, keep)
@@ -338,8 +338,8 @@ def forward_rows(runner: ModelRunner, items: Sequence[tuple[Sequence[int], Token
         tree_mask = None
         position_ids = torch.tensor(positions, dtype=torch.int64, device=device)
     else:
-        tree_mask, depths = ouroboros_kernels.build_tree(
-            torch.tensor(parents, dtype=torch.int32, device=device))
+        tree_mask, depths = ouroboros_kernels.build_tree(  # parents built here: valid
+            torch.tensor(parents, dtype=torch.int32, device=device), validate=False)
         position_ids = depths.to(torch.int64) + torch.tensor(starts, dtype=torch.int64,
                                                              device=device)[:, None]
     out = _call(runner, input_ids, position_ids, tree_mask, chain, keep)

@@ -113,7 +113,8 @@ def kth_ancestor(up: list[torch.Tensor], node: torch.Tensor, steps: torch.Tensor
     return node
 
 
-def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def build_tree(parents: torch.Tensor, *,
+               validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed ancestor mask and depths of a token tree.
 
     Args:
@@ -126,13 +127,17 @@ def build_tree(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         iff j is i or an ancestor of i; ``depths: int32[..., T]`` with roots at depth 0 (the
         position id of node i is ``prefix_len + depths[i]``). Leading dims follow ``parents``.
 
+    ``validate=False`` skips the checks of ``parents`` (they cost one host read: a caller
+    that built ``parents`` itself, as the decoding engine does, need not pay it every pass).
+
     Raises:
         ValueError: on an out-of-range parent, a cycle (self parent) or a forward reference.
     """
     check_tensor("parents", parents, ndim=(1, 2), dtypes=(torch.int32, torch.int64))
     if parents.shape[-1] == 0:
         raise ValueError("parents must have at least one node (T >= 1)")
-    _check_parents(parents)
+    if validate:
+        _check_parents(parents)
     batched = parents.reshape(-1, parents.shape[-1])
     num_nodes = batched.shape[1]
     batch = batched.shape[0]

@@ -157,3 +157,40 @@ def test_device_step_on_gpu_matches_generate(name):
         expected = greedy_reference(target, torch.tensor([prompt]).cuda(), 40)
         assert result.new_tokens[row] == expected[0, len(prompt):].tolist(), row
     assert result.stats.host_reads == result.stats.target_passes
+
+
+def test_no_read_of_the_device_escapes_the_counter(monkeypatch):
+    """Every ``tolist`` / ``item`` / ``bool`` of a tensor during the decoding steps is the
+    counted one (`ouroboros.generate.host_read`), and there is one per step: nothing in the
+    kernels' wrappers, the pool or the attention reads the device behind its back."""
+    target, draft = _models(torch.float32, "perturbed")
+    decoder = OuroborosDecoder(target, draft, CONFIGS["roots"])
+    prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (7, 15)]
+    counts = {"reads": 0, "stepping": False}
+    real_step = {}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if counts["stepping"]:
+                counts["reads"] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("tolist", "item", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    from ouroboros import device_step
+
+    real_step["call"] = device_step.DeviceStepper.__call__
+
+    def stepping(self, session):
+        counts["stepping"] = True
+        try:
+            return real_step["call"](self, session)
+        finally:
+            counts["stepping"] = False
+
+    monkeypatch.setattr(device_step.DeviceStepper, "__call__", stepping)
+    result = decoder.generate(prompts, 24)
+    assert counts["reads"] == result.stats.host_reads == result.stats.target_passes
