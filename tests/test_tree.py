@@ -56,6 +56,9 @@ def test_build_tree_matches_python(num_nodes, kind):
     assert tree_mask.shape == (num_nodes, mask_words(num_nodes))
     assert tree_mask.tolist() == python_pack(visible)
     assert depths.tolist() == want_depths
+    unchecked_mask, unchecked_depths = build_tree(torch.tensor(parents, dtype=torch.int32),
+                                                  validate=False)  # the engine's call
+    assert torch.equal(unchecked_mask, tree_mask) and torch.equal(unchecked_depths, depths)
 
 
 def test_build_tree_batched_int64():
