@@ -7,7 +7,11 @@ gaps: a float32 argmax then does not flip between a one-token forward and a tree
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +93,18 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered in ``sys.modules``
+    while in use: dataclasses resolve their annotations through it), removed afterwards."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

@@ -4,28 +4,26 @@ and the row-by-row exactness gate."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from engine_models import perturbed, single_thread, tiny_llama, word_tokenizer  # noqa: F401
+from engine_models import (  # noqa: F401  (single_thread is a fixture)
+    benchmark_module,
+    perturbed,
+    single_thread,
+    tiny_llama,
+    word_tokenizer,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_batch.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_batch", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_batch"] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_batch", None)
+    with benchmark_module("bench_batch") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ end to end (table and JSON); the committed SmolLM2 traces parse and are consiste
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_models import perturbed, random_prompt, single_thread, tiny_llama  # noqa: F401
+from engine_models import (  # noqa: F401  (single_thread is a fixture)
+    benchmark_module,
+    perturbed,
+    random_prompt,
+    single_thread,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -20,24 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TRACES = ROOT / "benchmarks" / "results" / "traces"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def record():
-    yield _load("record_traces")
-    sys.modules.pop("record_traces", None)
+    with benchmark_module("record_traces") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
 def replay():
-    yield _load("bench_replay")
-    sys.modules.pop("bench_replay", None)
+    with benchmark_module("bench_replay") as module:
+        yield module
 
 
 @pytest.fixture(scope="module")
