@@ -24,8 +24,9 @@ Supported: a draft model (γ >= 1) drafting token by token (``draft_phrases == 0
 draft (γ = 0: greedy, or K suffixes keyed by the last committed token), K suffixes and R
 root phrases, no window, greedy decoding or sampling (the same uniform per output position
 as the host step: a seed gives the same text with both steps), fixed trees, no
-generation-config rules (`unsupported` says what is not). Exactness is the same argument as for the host
-step: a token is emitted only when the target chose it in exactly that context.
+generation-config rules (`unsupported` says what is not). Exactness is the same argument
+as for the host step: a token is emitted only when the target chose it in exactly that
+context.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class DeviceStepper:
         logits = _call(runner, input_ids, positions, mask, False, width)
         last = logits.gather(1, (count - 1)[:, None, None].expand(-1, 1, logits.shape[2]))
         drafted = [last[:, 0].argmax(dim=-1)]
-        runner.cache.commit(counts[0] if len(counts) == 1 else counts)
+        runner.cache.commit(counts)
         for _ in range(layout.gamma - 1):
             positions = torch.minimum(runner.cache.lengths.to(torch.int64),
                                       self.last_positions)[:, None]
@@ -251,15 +252,14 @@ class DeviceStepper:
                                 for start, chunk in zip(committed_from, chunks)],
                                dtype=torch.int64).to(device)
         self.tokens.scatter_(1, columns, table)
-        self._accepted_draft = accepted_draft
         for b, row in enumerate(rows):
             row.tokens.extend(chunks[b])
             self._count(row, paths[b], accepted_draft[b])
         if session.pool is not None:
             with _Timer(stats, "time_pool"):
                 self._update_pool(config, drafted, last_token, end_token, choices, found,
-                                  slots, beyond, accepted_idx, accepted_len, committed_from,
-                                  chunks)
+                                  slots, beyond, accepted_idx, accepted_len, committed_from)
+            self._tally(config, committed_from, chunks, accepted_draft)
         return chunks
 
     def _count(self, row, path: list[int], accepted_draft: int) -> None:
@@ -279,7 +279,7 @@ class DeviceStepper:
         stats.shapes[label] = stats.shapes.get(label, 0) + 1
 
     def _update_pool(self, config, drafted, last_token, end_token, choices, found, slots,
-                     beyond, accepted_idx, accepted_len, committed_from, chunks) -> None:
+                     beyond, accepted_idx, accepted_len, committed_from) -> None:
         """Refinement, inspiration and committed-text n-grams as padded tensors (rows with
         -1 are skipped by the pool), written as the host step writes them: every
         refinement, then each row's inserts in row order."""
@@ -331,9 +331,8 @@ class DeviceStepper:
         if inserts:
             table = torch.cat(inserts, dim=1).flatten(0, 1)  # row-major: row order
             pool.insert(table[:, 0], table[:, 1:])
-        self._tally(config, committed_from, chunks)
 
-    def _tally(self, config, committed_from, chunks) -> None:
+    def _tally(self, config, committed_from, chunks, accepted_draft) -> None:
         """Pool counters of the stats from what the host knows (no read): the committed-text
         n-grams and, with a rejected draft, the inspiration n-grams (refinements are not
         counted: that would take a read)."""
@@ -341,6 +340,6 @@ class DeviceStepper:
         for row, start, chunk in zip(self.session.live, committed_from, chunks):
             if config.pool_from_output:
                 row.stats.output_ngrams += start + len(chunk) - max(0, start - length) - length
-        for row, accepted in zip(self.session.live, self._accepted_draft):
+        for row, accepted in zip(self.session.live, accepted_draft):
             if config.inspiration and gamma and accepted < gamma:
                 row.stats.inspiration_ngrams += max(0, gamma - accepted + 2 - length)
