@@ -221,8 +221,8 @@ class Recorder:
                 rec._pending_draft = None
             return result
 
-        def session_insert_ngrams(self, row, ngrams, *args, **kwargs):
-            count = insert_ngrams(self, row, ngrams, *args, **kwargs)
+        def session_insert_ngrams(self, ngrams, *args, **kwargs):
+            count = insert_ngrams(self, ngrams, *args, **kwargs)
             if rec.step is not None and rec.step["d"]:
                 rec.step["d"][-1][5] += count
             return count

@@ -68,6 +68,13 @@ class CacheOverflowError(ValueError):
     """The tokens of a step do not fit into the static cache (context overflow)."""
 
 
+def _uniform(counts: int | list[int]) -> int | list[int]:
+    """One int for a list whose counts are all equal (the cheaper in-place update)."""
+    if isinstance(counts, int) or not counts or any(c != counts[0] for c in counts):
+        return counts
+    return counts[0]
+
+
 def cache_kwarg_name(model: torch.nn.Module) -> str:
     """Name of the forward's cache argument: ``cache`` (transformers >= 5.24) or
     ``past_key_values`` (earlier 5.x)."""
@@ -145,7 +152,7 @@ class _DeviceGroup:
     buffer: torch.Tensor  # [stop - start, 2, B, Hkv, S_max, D]
     lengths: torch.Tensor  # int32[live] on device (the cache's own ``lengths`` on its device)
     positions: torch.Tensor  # arange(S_max) on device
-    all_lengths: torch.Tensor | None = None  # int32[B]: ``lengths`` is its first ``live``
+    all_lengths: torch.Tensor  # int32[B]: ``lengths`` is its first ``live``
 
 
 class StaticKVCache(Cache):
@@ -393,15 +400,14 @@ class StaticKVCache(Cache):
                 ``compact_kv_reference``.
         """
         self._step = None
+        num_pending = _uniform(num_pending)
         if isinstance(num_pending, int):
             if num_pending:
                 self.lengths += num_pending
                 self.host_lengths = [n + num_pending for n in self.host_lengths]
-        elif any(num_pending):
-            self.host_lengths = [n + p for n, p in zip(self.host_lengths, num_pending,
-                                                       strict=True)]
-            self.lengths.copy_(torch.tensor(self.host_lengths, dtype=self.lengths.dtype),
-                               non_blocking=self.device.type == "cuda")
+        else:
+            self._store_lengths([n + p for n, p in zip(self.host_lengths, num_pending,
+                                                       strict=True)])
         if isinstance(host_accepted_len, int):
             host_accepted = [host_accepted_len] * self.live
         else:
@@ -432,6 +438,13 @@ class StaticKVCache(Cache):
     def _live_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
         return buffer if self.live == buffer.shape[2] else buffer[:, :, :self.live]
 
+    def _store_lengths(self, lengths: list[int]) -> None:
+        """Set the live sequences' lengths, on the host and on the device."""
+        self.host_lengths = list(lengths)
+        if lengths:
+            self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype),
+                               non_blocking=self.device.type == "cuda")
+
     def truncate(self, length: int | list[int]) -> None:
         """Forget every row from ``length`` on: one length for all live sequences, or a
         list of one per live sequence."""
@@ -442,12 +455,12 @@ class StaticKVCache(Cache):
             if value < 0 or value > self.max_length:
                 raise ValueError(f"length must lie in [0, {self.max_length}], got {value}")
         self._step = None
+        length = _uniform(length)
         if isinstance(length, int):
             self.lengths.fill_(length)
+            self.host_lengths = lengths
         else:
-            self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype),
-                               non_blocking=self.device.type == "cuda")
-        self.host_lengths = lengths
+            self._store_lengths(lengths)
         self._sync_lengths()
 
     def keep_rows(self, rows: list[int]) -> None:
@@ -468,10 +481,8 @@ class StaticKVCache(Cache):
 
     def _set_live(self, lengths: list[int]) -> None:
         self.live = len(lengths)
-        self.host_lengths = list(lengths)
         self.lengths = self._all_lengths[:self.live]
-        if lengths:
-            self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype))
+        self._store_lengths(lengths)
         for group in self.groups:
             if group.all_lengths is self._all_lengths:
                 group.lengths = self.lengths

@@ -284,10 +284,10 @@ def forward_rows(runner: ModelRunner, items: Sequence[tuple[Sequence[int], Token
     (pending_b, tree_b)`` (pending: committed tokens not yet cached, a chain; the tree hangs
     from its last token; a row with nothing to feed gives ``([], TokenTree())``).
 
-    Layout: row b is ``[pending_b, tree_b, padding]``, T columns (the longest row). Padding
-    tokens are roots that see only the committed prefix and themselves, at the row's first
-    position; their K/V are written but never committed. When every row is a chain the pass
-    is causal (no mask).
+    Layout: row b is ``[pending_b, tree_b, padding]``, T columns (the longest row; batch 1:
+    no padding). Padding tokens are roots that see only the committed prefix and themselves,
+    at the row's first position; their K/V are written but never committed. When every row
+    is a chain the pass is causal (no mask).
 
     Returns ``[R, 1 + t_max, V]``: row b's logits after its last pending token (index 0) and
     after each of its tree nodes (index 1 + i; past ``len(tree_b)``: meaningless), or None
@@ -307,22 +307,6 @@ def forward_rows(runner: ModelRunner, items: Sequence[tuple[Sequence[int], Token
         raise ValueError("forward_rows: no row has a token to feed")
     keep = 1 if not logits else width - min(fed) + 1
     chain = all(tree.is_chain for _, tree in items)
-    if len(items) == 1:  # batch 1: no padding
-        (pending, tree), start = items[0], starts[0]
-        input_ids = torch.tensor([list(pending) + tree.tokens], dtype=torch.int64,
-                                 device=device)
-        if chain:
-            tree_mask = None
-            positions = torch.arange(start, start + width, device=device)[None]
-        else:
-            parents = list(range(-1, counts[0] - 1)) + [
-                p + counts[0] if p >= 0 else counts[0] - 1 for p in tree.parents]
-            tree_mask, depths = ouroboros_kernels.build_tree(  # parents built here: valid
-                torch.tensor(parents, dtype=torch.int32, device=device), validate=False)
-            tree_mask = tree_mask[None]
-            positions = (depths.to(torch.int64) + start)[None]
-        out = _call(runner, input_ids, positions, tree_mask, chain, keep)
-        return out if logits else None
     tokens, parents, positions = [], [], []
     for (pending, tree), n, start in zip(items, counts, starts):
         row = list(pending) + tree.tokens
@@ -366,7 +350,7 @@ def prefill_rows(runner: ModelRunner, prompts: Sequence[Sequence[int]]) -> None:
     if any(prompts):
         forward_rows(runner, [(tokens, TokenTree()) for tokens in prompts], logits=False)
         counts = [len(tokens) for tokens in prompts]
-        runner.cache.commit(counts[0] if len(counts) == 1 else counts)
+        runner.cache.commit(counts)
 
 
 @dataclass
@@ -638,7 +622,7 @@ class Session:
             return lookup_phrases(self.pool, keys, count, self.lookup_buffers, self.device,
                                   lambda tensor: host_read(tensor, self.stats))
 
-    def insert_ngrams(self, row: Row, ngrams: list[list[int]]) -> int:
+    def insert_ngrams(self, ngrams: list[list[int]]) -> int:
         """Insert ``[key, phrase...]`` n-grams into the pool; returns how many."""
         if self.pool is None or not ngrams:
             return 0
@@ -656,11 +640,6 @@ class Session:
             self.pool.insert_ngrams(torch.tensor(list(tokens), dtype=torch.int64,
                                                  device=self.device))
         return count
-
-
-def insert_sequence_ngrams(session: Session, tokens: Sequence[int]) -> int:
-    """Insert every n-gram of a token sequence into the session's pool; returns how many."""
-    return session.insert_sequence_ngrams(tokens)
 
 
 # ============================================================================ phases
@@ -705,8 +684,8 @@ def draft_phase(session: Session, budgets: list[int],
             outcomes, accepted_idx, accepted_len = accept_rows(trees, logits.argmax(dim=-1),
                                                                False, stats)
             counts = [len(p) for p, _ in items]
-            runner.cache.commit(counts[0] if len(rows) == 1 else counts, accepted_idx,
-                                accepted_len, [len(o.path) for o in outcomes], runner.backend)
+            runner.cache.commit(counts, accepted_idx, accepted_len,
+                                [len(o.path) for o in outcomes], runner.backend)
             stats.draft_passes += 1
             for b, row in enumerate(rows):
                 if not active[b]:
@@ -719,7 +698,7 @@ def draft_phase(session: Session, budgets: list[int],
                 if windows[b] is not None:
                     ngrams = row.draft_window.advance(
                         windows[b], lambda node, c=outcome.choices: c[node + 1])
-                    row.stats.window_ngrams += session.insert_ngrams(row, ngrams)
+                    row.stats.window_ngrams += session.insert_ngrams(ngrams)
                 active[b] = len(drafted[b]) < budgets[b]
     return [(drafted[b][:budget], min(len(drafted[b]) - 1, budget)) if budget > 0
             else ([], None) for b, budget in enumerate(budgets)]
@@ -739,10 +718,9 @@ def build_trees(session: Session, drafts: list[list[int]], budgets: list[int],
     found = session.lookup(keys, max(roots + wanted))
     trees = []
     for b, row in enumerate(rows):
-        window = row.target_window
         trees.append(verification_tree(row.tokens, drafts[b], budgets[b], wanted[b],
                                        found[b][:roots[b]], found[len(rows) + b], row.fits,
-                                       window, row.levels(len(row.tokens))))
+                                       row.target_window, row.levels(len(row.tokens))))
     return trees
 
 
@@ -823,14 +801,13 @@ def compact_caches(session: Session, outcomes: list[Acceptance],
     target = session.target
     pending = [start - length for start, length in zip(committed_from,
                                                        target.cache.host_lengths)]
-    target.cache.commit(pending[0] if len(pending) == 1 else pending, accepted_idx,
-                        accepted_len, [len(outcome.path) for outcome in outcomes],
-                        target.backend)
+    target.cache.commit(pending, accepted_idx, accepted_len,
+                        [len(outcome.path) for outcome in outcomes], target.backend)
     if session.draft is not None and any(cached is not None for _, cached in drafts):
         lengths = [start + min(cached, accepted) if cached is not None else length
                    for start, accepted, (_, cached), length in
                    zip(committed_from, accepted_draft, drafts, session.draft.cache.host_lengths)]
-        session.draft.cache.truncate(lengths[0] if len(lengths) == 1 else lengths)
+        session.draft.cache.truncate(lengths)
 
 
 # ============================================================================ the loop
