@@ -589,8 +589,10 @@ class OuroborosDecoder:
                              f"got {pad_token_id}")
         return pad_token_id
 
-    def _generators(self, count: int, seed: object, generator: object) -> list:
-        """One generator per row (sampling)."""
+    def _generators(self, count: int, seed: object, generator: object,
+                    create: bool = True) -> list | None:
+        """One generator per row (sampling); with ``create=False`` only the arguments are
+        checked (greedy decoding draws nothing) and None is returned."""
         if generator is not None:
             if isinstance(generator, torch.Generator):
                 return [generator] * count
@@ -610,10 +612,13 @@ class OuroborosDecoder:
                 raise ValueError(f"seed lists {len(seeds)} seeds for a batch of {count}")
         else:
             raise TypeError(f"seed must be an int, a list of ints or None, got {seed!r}")
-        generators = []
         for value in seeds:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"seed must be an int, a list of ints or None, got {value!r}")
+        if not create:
+            return None
+        generators = []
+        for value in seeds:
             made = torch.Generator(device=self.device)
             if value is None:
                 made.seed()
@@ -660,10 +665,8 @@ class OuroborosDecoder:
             if generator is not None and not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator or None, got "
                                 f"{type(generator).__name__}")
-        generators = self._generators(len(prompts), seed, generator) if sampling.do_sample \
-            else None
-        if batch and (seed is not None or generator is not None) and not sampling.do_sample:
-            self._generators(len(prompts), seed, generator)  # still check the arguments
+        generators = self._generators(len(prompts), seed, generator,
+                                      create=sampling.do_sample)
         eos = _eos_ids(self.target, eos_token_id)
         pad = self._pad_id(pad_token_id, eos) if batch else None
         if stop is not None and not callable(stop):
