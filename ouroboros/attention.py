@@ -74,7 +74,9 @@ class TreeStep:
             them, no mask read.
         backend: ``"triton"`` or ``"reference"``.
         max_prefix_len: host copy of ``max(prefix_lens)`` (the reference slices the cache
-            with it, without reading the device).
+            with it, without reading the device), or an upper bound of it when ``exact`` is
+            False (the reference then always masks by ``prefix_lens``).
+        exact: whether ``max_prefix_len`` is the maximum itself.
     """
 
     prefix_lens: torch.Tensor
@@ -82,6 +84,7 @@ class TreeStep:
     causal: bool
     backend: str
     max_prefix_len: int
+    exact: bool = True
     # Masks of the reference backend, built by the first layer, reused by all.
     _dense_mask: torch.Tensor | None = field(default=None, repr=False)
     _stacked_bias: torch.Tensor | None = field(default=None, repr=False)
@@ -194,14 +197,15 @@ def _reference_attention(step: TreeStep, query: torch.Tensor, key: torch.Tensor,
     A prefill over an empty cache (any batch: every prefix is empty) is causal SDPA. Batch
     1 takes a path by shape: a long prefix with a small tree is `_split_attention`; one new
     token sees everything and needs no mask. Otherwise (several sequences of different
-    lengths and trees, short prefixes) one SDPA call with the dense tree mask of the step.
+    lengths and trees, short prefixes, or a prefix length only bounded on the host: ``step.
+    exact`` False) one SDPA call with the dense tree mask of the step.
     """
     num_new = query.shape[2]
     prefix = step.max_prefix_len
     span = prefix + num_new
     gqa = query.shape[1] != key.shape[1]
-    uniform = query.shape[0] == 1
-    if prefix == 0 and step.causal:
+    uniform = query.shape[0] == 1 and step.exact
+    if prefix == 0 and step.causal and step.exact:
         output = F.scaled_dot_product_attention(
             query, key[:, :, :num_new], value[:, :, :num_new], is_causal=True, scale=scaling,
             enable_gqa=gqa)

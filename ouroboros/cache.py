@@ -176,7 +176,8 @@ class StaticKVCache(Cache):
         buffer: ``[num_layers, 2, B, Hkv, S_max, D]``, K at index 0 of dim 1, V at 1 (with
             several device groups: the first group's buffer; ``buffers`` has them all).
         lengths: ``int32[B]`` committed rows per sequence (on ``device``); ``host_lengths``
-            is the same as a Python list (kept in step without reading the device).
+            is the same as a Python list (kept in step without reading the device), or,
+            after `commit_on_device` (``host_exact`` False), an upper bound of each.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_length: int, *,
@@ -198,6 +199,9 @@ class StaticKVCache(Cache):
         self.lengths = self._all_lengths
         self.device = self.lengths.device
         self.host_lengths = [0] * batch_size
+        # False after `commit_on_device`: ``host_lengths`` are then upper bounds, not the
+        # lengths (`truncate` and `keep_rows`' lengths make them exact again).
+        self.host_exact = True
         self.live = batch_size  # sequences in use: rows [0, live) of the batch dimension
         self.groups: list[_DeviceGroup] = []
         plan = device_groups(layer_devices, max_group_layers)
@@ -307,7 +311,7 @@ class StaticKVCache(Cache):
             raise CacheOverflowError(
                 f"context overflow: {max(lengths)} cached + {num_new} new tokens exceed the "
                 f"static cache's {self.max_length} rows")
-        if all(length == start for length in lengths):
+        if self.host_exact and all(length == start for length in lengths):
             buffer[:, :, start:start + num_new].copy_(states)
         else:  # sequences of different lengths: one scatter
             rows = (group.lengths.to(torch.int64)[:, None] + group.positions[:num_new])
@@ -373,7 +377,7 @@ class StaticKVCache(Cache):
                 f"context overflow: {longest} cached + {num_new} new tokens exceed the static "
                 f"cache's {self.max_length} rows")
         step = TreeStep(prefix_lens=self.lengths, tree_mask=tree_mask, causal=causal,
-                        backend=backend, max_prefix_len=longest)
+                        backend=backend, max_prefix_len=longest, exact=self.host_exact)
         if self.multi_device:
             self._step, self._step_group = step, -1
             self._step_tensors = {-1: {"prefix_lens": self.lengths, "tree_mask": tree_mask,
@@ -399,6 +403,9 @@ class StaticKVCache(Cache):
             backend: ``"triton"`` runs ``compact_kv`` (kernel), ``"reference"``
                 ``compact_kv_reference``.
         """
+        if not self.host_exact:
+            raise RuntimeError("commit needs exact host lengths: truncate the cache after "
+                               "commit_on_device")
         self._step = None
         num_pending = _uniform(num_pending)
         if isinstance(num_pending, int):
@@ -416,6 +423,34 @@ class StaticKVCache(Cache):
             if self.multi_device:
                 self._sync_lengths()
             return
+        self._compact(accepted_idx, accepted_len, backend)
+        self.host_lengths = [n + a for n, a in zip(self.host_lengths, host_accepted,
+                                                   strict=True)]
+
+    def commit_on_device(self, num_pending: torch.Tensor, accepted_idx: torch.Tensor,
+                         accepted_len: torch.Tensor, bounds: list[int],
+                         backend: str = "reference") -> None:
+        """`commit` without the host: ``num_pending: int[live]`` rows kept as written, then
+        the accepted nodes ``accepted_idx: int32[live, A]`` (relative to the first row after
+        the pending ones, -1 padded) of ``accepted_len: int32[live]`` moved behind them, all
+        on the device. The host lengths become the upper bounds ``bounds`` (one per live
+        sequence; ``host_exact`` is False) until `truncate` sets exact lengths again: the
+        forward passes in between write with one scatter and attend with the mask."""
+        if len(bounds) != self.live:
+            raise ValueError(f"commit_on_device got {len(bounds)} bounds for {self.live} "
+                             f"sequences")
+        self._step = None
+        self.lengths += num_pending.to(self.lengths.dtype)
+        if self.multi_device:
+            self._sync_lengths()
+        self._compact(accepted_idx, accepted_len, backend)
+        self.host_lengths = [min(int(bound), self.max_length) for bound in bounds]
+        self.host_exact = False
+
+    def _compact(self, accepted_idx: torch.Tensor, accepted_len: torch.Tensor,
+                 backend: str) -> None:
+        """Move the accepted rows behind the committed ones (``compact_kv``: one launch per
+        device group) and add ``accepted_len`` to the device lengths."""
         compact = ouroboros_kernels.compact_kv if backend == "triton" \
             else ouroboros_kernels.compact_kv_reference
         if not self.multi_device:
@@ -430,8 +465,6 @@ class StaticKVCache(Cache):
                             _copy_to(accepted_idx, group.device),
                             _copy_to(accepted_len, group.device))
         self.lengths += accepted_len.to(self.lengths.dtype)
-        self.host_lengths = [n + a for n, a in zip(self.host_lengths, host_accepted,
-                                                   strict=True)]
         if self.multi_device:
             self._sync_lengths()
 
@@ -441,6 +474,7 @@ class StaticKVCache(Cache):
     def _store_lengths(self, lengths: list[int]) -> None:
         """Set the live sequences' lengths, on the host and on the device."""
         self.host_lengths = list(lengths)
+        self.host_exact = True
         if lengths:
             self.lengths.copy_(torch.tensor(lengths, dtype=self.lengths.dtype),
                                non_blocking=self.device.type == "cuda")
@@ -459,6 +493,7 @@ class StaticKVCache(Cache):
         if isinstance(length, int):
             self.lengths.fill_(length)
             self.host_lengths = lengths
+            self.host_exact = True
         else:
             self._store_lengths(lengths)
         self._sync_lengths()
@@ -471,6 +506,9 @@ class StaticKVCache(Cache):
                                                self.live):
             raise ValueError(f"rows must be increasing indices in [0, {self.live}), got "
                              f"{rows}")
+        if not self.host_exact:
+            raise RuntimeError("keep_rows needs exact host lengths: truncate the cache after "
+                               "commit_on_device")
         self._step = None
         for new, old in enumerate(rows):
             if new != old:  # new < old: a source is never overwritten before it is read
