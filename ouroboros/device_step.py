@@ -4,33 +4,44 @@ The host step (`ouroboros.generate.decode_step`) builds each tree on the host fr
 lookups read back with ``.tolist()`` and reads every acceptance; a GPU then idles at every
 read. This step keeps the step on the device (docs/architecture.md §9):
 
-* **One fixed tree per configuration.** Column 0 is the pending token (the last committed
-  one); then the γ draft tokens as a chain; then R root phrases of L tokens hanging from
-  the pending token; then K suffixes of L tokens hanging from the last draft token. The
-  parents, depths and the packed mask are built once (`TreeLayout`); a missing phrase is
-  fed as token 0 and marked -1 for the acceptance (never accepted), and a node past the
-  row's last position (near ``max_new_tokens``) is fed at a clamped position and marked
-  -1 too. Every pass of every step has the same shapes ``[B, T]`` (per batch size).
-* **On the device:** the draft chain (γ draft passes, each feeding the previous token; the
-  first also catches up on the row's pending tokens, padded to L + 2), the pool lookups
-  (one batched lookup for the root phrases and the suffixes), the target's choices, the
-  acceptance, the KV compaction, and the pool updates (refinement, inspiration, n-grams
-  of the committed text, built as padded tensors: the pool skips rows holding -1).
+* **One fixed target tree per configuration** (`TreeLayout`). Column 0 is the pending
+  token (the last committed one); then γ draft slots as a chain; then R root phrases of L
+  tokens hanging from the pending token; then K suffixes of L tokens hanging from the
+  row's last draft token; then the target's Jacobi window (lookahead decoding's branch,
+  L rows of ``window_size`` columns) hanging from the pending token. Every pass of every
+  step has the same shapes ``[B, T]`` (per batch size). A missing phrase, a draft slot past
+  the row's draft, and a node past the row's last position (near ``max_new_tokens``) are
+  fed as token 0 at a clamped position and offered as -1: never accepted.
+* **The draft on the device.** Token by token (``draft_phrases == 0``): γ passes of one
+  token (the first also catches up on the row's pending tokens, padded to L + 2 columns).
+  Phrase by phrase (``draft_phrases == P``): each pass feeds the row's last token and the P
+  pool phrases keyed by it (one batched lookup), keeps the longest phrase prefix the draft
+  agrees with and the draft's next token, so a row advances by 1 to L + 1 tokens per pass,
+  all decided on the device (`StaticKVCache.commit_on_device`). Without a read the step
+  cannot stop when every row has its γ tokens, so it runs a number of passes chosen on the
+  host from the advance measured in earlier steps (`DeviceStepper.passes`): rows that
+  advance less than expected verify a shorter draft, never a wrong one.
+* **On the device as well:** the pool lookups of the target tree, the target's choices
+  (argmax, or sampling with each column's uniform gathered on the device), the
+  acceptance, the KV compaction, the window's next iterate, and the pool updates
+  (refinement, inspiration, window n-grams and n-grams of the committed text, built as
+  padded tensors: the pool skips rows holding -1).
 * **One host read** (`ouroboros.generate.host_read`): the accepted lengths, the bonus
-  tokens and the accepted nodes and tokens of every row, for stopping, streaming and the
-  host's copies of the lengths.
+  tokens, the accepted nodes and tokens of every row, and each row's draft length and
+  draft counters, for stopping, streaming, the caches' host lengths and the stats.
 
-Supported: a draft model (γ >= 1) drafting token by token (``draft_phrases == 0``) or no
-draft (γ = 0: greedy, or K suffixes keyed by the last committed token), K suffixes and R
-root phrases, no window, greedy decoding or sampling (the same uniform per output position
-as the host step: a seed gives the same text with both steps), fixed trees, no
-generation-config rules (`unsupported` says what is not). Exactness is the same argument
-as for the host step: a token is emitted only when the target chose it in exactly that
-context.
+Supported: every preset (greedy, speculative, lookahead, ouroboros) and any fixed tree of
+them: a draft model drafting token by token or phrase by phrase, or no draft; K suffixes,
+R root phrases; a Jacobi window in the target (without a draft model); greedy decoding or
+sampling (the same uniform per output position as the host step: a seed gives the same
+text with both steps). Not supported (`unsupported` says so): a window in the draft model,
+adaptive trees, generation-config rules. Exactness is the same argument as for the host
+step: a token is emitted only when the target chose it in exactly that context.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +55,8 @@ __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
 
 def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
     """Why the device step cannot run this call (None: it can)."""
-    if config.use_draft and config.draft_phrases:
-        return "it drafts token by token (draft_phrases=0)"
-    if config.window:
-        return "it has no Jacobi window (window=False)"
+    if config.window and config.use_draft:
+        return "its Jacobi window runs in the target only (window=False with a draft model)"
     if rules:
         return ("it applies no generation-config rules (repetition penalty, suppressed "
                 "tokens, ...)")
@@ -56,59 +65,122 @@ def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
     return None
 
 
+def _chain_parents(start: int, count: int, parent: int) -> list[int]:
+    """Parents of ``count`` nodes forming a chain under ``parent``, numbered from ``start``."""
+    return [parent if j == 0 else start + j - 1 for j in range(count)]
+
+
 @dataclass
 class TreeLayout:
-    """The fixed target tree of γ draft tokens, R root phrases and K suffixes of L tokens.
+    """The fixed target tree: γ draft slots, R root phrases and K suffixes of L tokens, and
+    a Jacobi window of L rows by S columns.
+
+    Node numbering (the acceptance's, column = node + 1): draft slots ``[0, γ)``, root
+    phrases ``[γ, γ + RL)``, suffixes ``[γ + RL, γ + (R + K)L)``, then the window row by row
+    (cell ``[j][c]`` at node ``window_start + j S + c``; row 0 is a chain under the pending
+    token, cell ``[j][c]`` hangs from ``[j - 1][c]``).
+
+    The suffixes are laid out hanging from the last draft slot; a row whose draft is
+    shorter (``c < γ`` tokens) gets them under its slot ``c - 1`` (`for_rows`).
 
     Attributes (on ``device``):
-        parents: ``int32[N]`` parent of tree node i (-1: the pending token), N = γ + (R + K) L.
+        parents: ``int64[N]`` parent of tree node i (-1: the pending token), N = T - 1.
         depths: ``int64[T]`` depth of every column (the pending token: 0), T = 1 + N.
-        tree_mask: ``int32[1, T, W]`` packed ancestor mask of the columns.
+        visible: ``bool[T, T]`` column i sees column j (itself and its ancestors).
+        tree_mask: ``int32[1, T, ceil(T/32)]`` packed `visible`.
         choice_of_parent: ``int64[(R + K) L]`` index into the choices ``[B, T]`` of the choice
             after each phrase node's parent (the target's version of that node's token).
+        suffix_columns: ``bool[T]`` the columns of the suffixes.
     """
 
     gamma: int
     roots: int
     suffixes: int
     length: int
+    window_size: int
     parents: torch.Tensor
     depths: torch.Tensor
+    visible: torch.Tensor
     tree_mask: torch.Tensor
     choice_of_parent: torch.Tensor
+    suffix_columns: torch.Tensor
 
     @classmethod
-    def build(cls, gamma: int, roots: int, suffixes: int, length: int,
-              device: torch.device) -> TreeLayout:
-        parents = list(range(-1, gamma - 1))
+    def build(cls, gamma: int, roots: int, suffixes: int, length: int, device: torch.device,
+              window_size: int = 0) -> TreeLayout:
+        parents = _chain_parents(0, gamma, -1)
         for _ in range(roots):
-            parents += [-1] + [len(parents) + j for j in range(length - 1)]
+            parents += _chain_parents(len(parents), length, -1)
         for _ in range(suffixes):
-            parents += [gamma - 1] + [len(parents) + j for j in range(length - 1)]
+            parents += _chain_parents(len(parents), length, gamma - 1)
+        if window_size:
+            start = len(parents)
+            parents += _chain_parents(start, window_size, -1)
+            for j in range(1, length):
+                parents += [start + (j - 1) * window_size + c for c in range(window_size)]
         columns = [-1] + [p + 1 for p in parents]  # the pending token is column 0
         mask, depths = ouroboros_kernels.build_tree(torch.tensor(columns, dtype=torch.int32,
                                                                  device=device))
-        phrase_parents = parents[gamma:]
-        return cls(gamma, roots, suffixes, length,
-                   torch.tensor(parents, dtype=torch.int32, device=device),
-                   depths.to(torch.int64), mask[None],
+        phrase_parents = parents[gamma:gamma + (roots + suffixes) * length]
+        suffix_columns = torch.zeros(len(columns), dtype=torch.bool, device=device)
+        first = 1 + gamma + roots * length
+        suffix_columns[first:first + suffixes * length] = True
+        return cls(gamma, roots, suffixes, length, window_size,
+                   torch.tensor(parents, dtype=torch.int64, device=device),
+                   depths.to(torch.int64),
+                   ouroboros_kernels.unpack_tree_mask(mask, len(columns)), mask[None],
                    torch.tensor([p + 1 for p in phrase_parents], dtype=torch.int64,
-                                device=device))
+                                device=device),
+                   suffix_columns)
 
     @property
     def num_columns(self) -> int:
-        return 1 + self.gamma + (self.roots + self.suffixes) * self.length
+        return len(self.depths)
+
+    @property
+    def window_start(self) -> int:
+        """The node of the window's cell ``[0][0]``."""
+        return self.gamma + (self.roots + self.suffixes) * self.length
+
+    @property
+    def window_depth(self) -> int:
+        """Levels the window spans below the pending token (0: no window)."""
+        return self.window_size + self.length - 1 if self.window_size else 0
+
+    def for_rows(self, drafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                       torch.Tensor]:
+        """Per-row ``(parents [B, N], depths [B, T], tree_mask [B, T, W])`` for rows whose
+        drafts hold ``drafted: int64[B]`` tokens (the suffixes hang from slot
+        ``drafted - 1``, or from the pending token without a draft)."""
+        batch = drafted.shape[0]
+        shift = (self.gamma - drafted)[:, None]  # levels the suffixes move up
+        depths = self.depths[None] - shift * self.suffix_columns[None]
+        roots = torch.zeros_like(self.parents, dtype=torch.bool)
+        first = self.gamma + self.roots * self.length
+        roots[first:first + self.suffixes * self.length:self.length] = True
+        parents = torch.where(roots[None], (drafted - 1)[:, None], self.parents[None])
+        slot = torch.arange(self.num_columns, device=drafted.device) - 1  # draft slot of col
+        unused = (slot[None] >= drafted[:, None]) & (slot[None] < self.gamma) & \
+            (slot[None] >= 0)  # [B, T]: draft columns past the row's draft
+        visible = self.visible[None] & ~(self.suffix_columns[None, :, None] & unused[:, None])
+        return parents.expand(batch, -1), depths, ouroboros_kernels.pack_tree_mask(visible)
 
 
 class DeviceStepper:
-    """Runs `step` for the live rows of a session; keeps the device copy of every live row's
-    tokens ``tokens: int64[B, S_max]`` (rows follow the caches' batch order)."""
+    """Runs `step` for the live rows of a session; keeps on the device every live row's
+    tokens ``tokens: int64[B, S_max]`` (rows follow the caches' batch order) and, with a
+    window, its Jacobi iterate ``window: int64[B, L, S]``."""
+
+    # Draft passes per step when drafting phrase by phrase: ceil(γ / advance), with the
+    # advance (tokens per pass) measured over the batch and smoothed with this weight.
+    ADVANCE_WEIGHT = 0.5
 
     def __init__(self, session: Session) -> None:
         config, device = session.config, session.device
         self.session = session
+        window_size = config.window_size if config.window else 0
         self.layout = TreeLayout.build(config.gamma, config.root_phrases, config.num_suffixes,
-                                       config.phrase_len, device)
+                                       config.phrase_len, device, window_size)
         rows = session.live
         width = max(len(row.tokens) + row.max_new_tokens for row in rows) + 1
         tokens = torch.zeros(len(rows), width, dtype=torch.int64)
@@ -121,6 +193,11 @@ class DeviceStepper:
         # Sampling: every row's uniforms u_p (one per output position), [B, U].
         self.uniforms = torch.stack([row.uniforms for row in rows]) \
             if session.sampling.do_sample else None
+        self.window = torch.tensor([row.target_window.rows for row in rows],
+                                   dtype=torch.int64).to(device) if window_size else None
+        self.phrases = config.draft_phrases if session.draft is not None else 0
+        self.advance = 1.0  # draft tokens per pass, as measured so far (phrase drafting)
+        self._draft_before: list[int] = []  # the draft cache's lengths when the step began
 
     def keep(self, rows: list[int]) -> None:
         """The live rows ``rows`` remain (as `StaticKVCache.keep_rows`)."""
@@ -129,18 +206,28 @@ class DeviceStepper:
         self.last_positions = self.last_positions.index_select(0, index)
         if self.uniforms is not None:
             self.uniforms = self.uniforms.index_select(0, index)
+        if self.window is not None:
+            self.window = self.window.index_select(0, index)
 
-    # ------------------------------------------------------------------ the step
+    def passes(self, budget: int) -> int:
+        """Draft passes of this step: ``budget`` (the most draft tokens a row may use) token
+        by token; phrase by phrase, enough for ``budget`` tokens at the measured advance."""
+        if not self.phrases:
+            return budget
+        return max(1, min(budget, math.ceil(budget / self.advance - 1e-9)))
 
-    def _draft_chain(self) -> torch.Tensor:
-        """γ draft tokens per row ``int64[B, γ]``: the first pass catches up on each row's
-        pending tokens (padded to L + 2 columns), the others feed the previous token."""
-        session, layout = self.session, self.layout
-        runner, device = session.draft, self.tokens.device
-        rows = session.live
-        starts = runner.cache.lengths.to(torch.int64)  # [B] on the device
-        counts = [len(row.tokens) - length
-                  for row, length in zip(rows, runner.cache.host_lengths)]
+    # ------------------------------------------------------------------ the draft
+
+    def _catch_up(self, runner, phrases: int) -> tuple:
+        """The first draft pass's input: each row's pending tokens (committed, not yet in the
+        draft cache: 1 to L + 2) padded to L + 2 columns, hanging ``phrases`` pool phrases
+        of L tokens from the last of them. Returns ``(input_ids [B, H + PL], positions,
+        visible [B, T, T], counts [B], host counts, found [B, P, L] or None, beyond
+        [B, PL])``: ``beyond`` marks phrase nodes past the row's last position."""
+        device, length = self.tokens.device, self.layout.length
+        rows = self.session.live
+        starts = runner.cache.lengths.to(torch.int64)  # [B], exact before the draft
+        counts = [len(row.tokens) - cached for row, cached in zip(rows, runner.cache.host_lengths)]
         width = self.pending_width
         if max(counts) > width:
             raise RuntimeError(f"device step: {max(counts)} pending draft tokens > {width}")
@@ -150,39 +237,171 @@ class DeviceStepper:
         index = (starts[:, None] + columns[None, :]).clamp(max=self.tokens.shape[1] - 1)
         input_ids = torch.where(fed, self.tokens.gather(1, index), 0)
         positions = torch.where(fed, starts[:, None] + columns[None, :], starts[:, None])
-        positions = torch.minimum(positions, self.last_positions[:, None])
         # Each fed token sees the fed ones before it; a padding column only itself.
         visible = (columns[None, None, :] <= columns[None, :, None]) & fed[:, :, None] | \
             torch.eye(width, dtype=torch.bool, device=device)[None]
-        mask = ouroboros_kernels.pack_tree_mask(visible)
-        logits = _call(runner, input_ids, positions, mask, False, width)
-        last = logits.gather(1, (count - 1)[:, None, None].expand(-1, 1, logits.shape[2]))
-        drafted = [last[:, 0].argmax(dim=-1)]
-        runner.cache.commit(counts)
-        for _ in range(layout.gamma - 1):
-            positions = torch.minimum(runner.cache.lengths.to(torch.int64),
-                                      self.last_positions)[:, None]
-            logits = _call(runner, drafted[-1][:, None], positions, None, True, 1)
-            drafted.append(logits[:, 0].argmax(dim=-1))
-            runner.cache.commit(1)
-        session.stats.draft_passes += layout.gamma
-        return torch.stack(drafted, dim=1)
+        found = beyond = None
+        if phrases:
+            last = self.tokens.gather(1, (starts + count - 1)[:, None])[:, 0]
+            found = self._lookup(last, phrases)
+            nodes = phrases * length
+            end = starts + count - 1  # the position of the last pending token
+            depth = torch.arange(length, device=device).repeat(phrases) + 1
+            input_ids = torch.cat([input_ids, found.flatten(1).clamp(min=0)], dim=1)
+            positions = torch.cat([positions, end[:, None] + depth[None]], dim=1)
+            template = self._phrase_visible(phrases, width)  # [T, T]
+            sees_pending = torch.zeros(width + nodes, width + nodes, dtype=torch.bool,
+                                       device=device)
+            sees_pending[width:, :width] = True
+            visible = torch.cat([
+                torch.cat([visible, torch.zeros(visible.shape[0], width, nodes,
+                                                dtype=torch.bool, device=device)], dim=2),
+                torch.zeros(visible.shape[0], nodes, width + nodes, dtype=torch.bool,
+                            device=device)], dim=1)
+            fed = torch.cat([fed, torch.zeros(fed.shape[0], nodes, dtype=torch.bool,
+                                              device=device)], dim=1)
+            visible = visible | template[None] | sees_pending[None] & fed[:, None, :]
+            beyond = positions[:, width:] > self.last_positions[:, None]
+        positions = torch.minimum(positions, self.last_positions[:, None])
+        return input_ids, positions, visible, count, counts, found, beyond
+
+    def _phrase_visible(self, phrases: int, head: int) -> torch.Tensor:
+        """``bool[H + PL, H + PL]``: each phrase node sees itself and the nodes before it in
+        its phrase (the head's columns are added by the caller)."""
+        length = self.layout.length
+        total = head + phrases * length
+        node = torch.arange(total, device=self.tokens.device) - head
+        same = (node[:, None] // length == node[None, :] // length) & \
+            (node[None, :] <= node[:, None])
+        return same & (node[:, None] >= 0) & (node[None, :] >= 0)
+
+    def _lookup(self, keys: torch.Tensor, count: int) -> torch.Tensor:
+        """The ``count`` newest pool phrases of each key ``int64[B]``: ``int64[B, count, L]``,
+        -1 where there is none."""
+        with _Timer(self.session.stats, "time_pool"):
+            found, _, _ = self.session.pool.lookup(keys, count)
+        return found.to(torch.int64)
+
+    def _draft_tokens(self, budgets: list[int]) -> tuple[torch.Tensor, torch.Tensor, list,
+                                                          int]:
+        """Each row's draft: ``(draft int64[B, γ] (-1 past the row's draft), drafted int64[B],
+        counters int64[B, 2] (passes the row took part in, phrase tokens it accepted),
+        passes)``; ``budgets[b]`` (host) is the most draft tokens row b may use."""
+        session, layout = self.session, self.layout
+        runner, device = session.draft, self.tokens.device
+        gamma, length, phrases = layout.gamma, layout.length, self.phrases
+        num_rows = len(budgets)
+        budget = torch.tensor(budgets, dtype=torch.int64, device=device)
+        passes = self.passes(max(budgets))
+        # Draft tokens so far, one spare column past γ for the writes that fall beyond.
+        draft = torch.full((num_rows, gamma + length + 2), -1, dtype=torch.int64,
+                           device=device)
+        drafted = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        counters = torch.zeros(num_rows, 2, dtype=torch.int64, device=device)
+        committed = [len(row.tokens) for row in session.live]
+        host_before = self._draft_before
+        spare = draft.shape[1] - 1
+        for step in range(passes):
+            active = drafted < budget  # [B]
+            if step == 0:
+                input_ids, positions, visible, count, host_counts, found, beyond = \
+                    self._catch_up(runner, phrases)
+                head = self.pending_width
+                mask = ouroboros_kernels.pack_tree_mask(visible)
+                causal = False
+            else:
+                last = draft.gather(1, (drafted - 1).clamp(min=0)[:, None])[:, 0].clamp(min=0)
+                count = torch.ones(num_rows, dtype=torch.int64, device=device)
+                head, found = 1, None
+                start = runner.cache.lengths.to(torch.int64)
+                if phrases:
+                    found = self._lookup(last, phrases)
+                    depth = torch.arange(length, device=device).repeat(phrases) + 1
+                    input_ids = torch.cat([last[:, None], found.flatten(1).clamp(min=0)],
+                                          dim=1)
+                    positions = torch.cat([start[:, None], start[:, None] + depth[None]], dim=1)
+                    beyond = positions[:, 1:] > self.last_positions[:, None]
+                    visible = self._phrase_visible(phrases, 1)
+                    visible[:, 0] = True
+                    mask, causal = ouroboros_kernels.pack_tree_mask(visible)[None], False
+                else:
+                    input_ids, positions, mask, causal = last[:, None], start[:, None], None, \
+                        True
+                positions = torch.minimum(positions, self.last_positions[:, None])
+            logits = _call(runner, input_ids, positions, mask, causal, input_ids.shape[1])
+            choices = logits.argmax(dim=-1)  # the draft's greedy choices [B, T]
+            end_choice = choices.gather(1, (count - 1)[:, None])  # after the last fed token
+            if found is not None:
+                nodes = torch.where(beyond, -1, found.flatten(1))
+                parents = self._phrase_parents(phrases)
+                accepted_idx, accepted_len, bonus = ouroboros_kernels.accept_greedy(
+                    nodes, parents, torch.cat([end_choice, choices[:, head:]], dim=1))
+                path = nodes.gather(1, accepted_idx.clamp(min=0).to(torch.int64))
+                accepted = accepted_len.to(torch.int64)
+            else:
+                bonus, accepted = end_choice[:, 0], torch.zeros_like(drafted)
+                path = draft[:, :0]
+            # New draft tokens: the accepted phrase prefix, then the draft's own next token;
+            # cut at the row's budget (the K/V kept: all but the last new token).
+            take = torch.where(active, torch.minimum(accepted + 1, budget - drafted), 0)
+            new = torch.cat([path, torch.zeros_like(drafted)[:, None]], dim=1)
+            new = new.scatter(1, accepted[:, None], bonus[:, None])
+            offsets = torch.arange(new.shape[1], device=device)
+            columns = torch.where(offsets[None] < take[:, None], drafted[:, None] + offsets,
+                                  spare)
+            draft.scatter_(1, columns, new)
+            draft[:, spare] = -1
+            keep = (take - 1).clamp(min=0)  # accepted phrase tokens whose K/V stay
+            pending = torch.where(active, count, 0)
+            if phrases:
+                shifted = torch.where(accepted_idx >= 0, accepted_idx.to(torch.int64)
+                                      + (head - count)[:, None], -1)
+                bounds = [start + budget - 1 if budget else before for start, budget, before
+                          in zip(committed, budgets, host_before)]
+                runner.cache.commit_on_device(pending, shifted, keep, bounds, runner.backend)
+            else:  # one token per pass: the host knows every row's count
+                runner.cache.commit([(host_counts[b] if step == 0 else 1) if row_budget > step
+                                     else 0 for b, row_budget in enumerate(budgets)])
+            counters[:, 0] += active.to(torch.int64)
+            counters[:, 1] += keep
+            drafted = drafted + take
+        session.stats.draft_passes += passes
+        return draft[:, :gamma], drafted, counters, passes
+
+    def _phrase_parents(self, phrases: int) -> torch.Tensor:
+        """``int64[PL]``: phrase nodes as chains hanging from the pass's last fed token."""
+        parents = []
+        for _ in range(phrases):
+            parents += _chain_parents(len(parents), self.layout.length, -1)
+        return torch.tensor(parents, dtype=torch.int64, device=self.tokens.device)
+
+    # ------------------------------------------------------------------ the step
 
     def __call__(self, session: Session) -> list[list[int]]:
         """One step of every live row; returns each row's accepted tokens (path + bonus)."""
         layout, stats, rows = self.layout, session.stats, session.live
         config, device = session.config, self.tokens.device
-        gamma, length = layout.gamma, layout.length
+        gamma = layout.gamma
         num_rows = len(rows)
         committed_from = [len(row.tokens) for row in rows]
+        budgets = [min(gamma, row.max_new_tokens - (len(row.tokens) - row.prompt_length) - 1)
+                   for row in rows]
         before = session.target.cache.lengths.to(torch.int64)  # = committed - 1
         last_token = self.tokens.gather(1, before[:, None])  # [B, 1], the pending token
         if session.draft is not None:
+            self._draft_before = list(session.draft.cache.host_lengths)  # exact here
+        if session.draft is not None and max(budgets) > 0:
             with _Timer(stats, "time_draft"):
-                drafted = self._draft_chain()
-        else:  # no draft model: suffixes keyed by the last committed token
-            drafted = last_token[:, :0]
-        end_token = drafted[:, -1] if gamma else last_token[:, 0]
+                drafted, drafted_len, counters, _ = self._draft_tokens(budgets)
+        else:
+            drafted = torch.full((num_rows, gamma), -1, dtype=torch.int64, device=device)
+            drafted_len = torch.zeros(num_rows, dtype=torch.int64, device=device)
+            counters = torch.zeros(num_rows, 2, dtype=torch.int64, device=device)
+        # The suffixes' key: the row's last draft token, else its last committed token.
+        end_token = last_token[:, 0]
+        if gamma:
+            end_token = torch.where(drafted_len > 0, drafted.gather(
+                1, (drafted_len - 1).clamp(min=0)[:, None])[:, 0], end_token)
         phrases_wanted = max(layout.roots, layout.suffixes)
         parts = [drafted]
         slots = found = None
@@ -196,20 +415,26 @@ class DeviceStepper:
             slots = torch.cat([slots[:num_rows, :layout.roots],
                                slots[num_rows:, :layout.suffixes]], dim=1)
             parts.append(found.flatten(1))
+        if self.window is not None:
+            parts.append(self.window.flatten(1))
         with _Timer(stats, "time_verify"):
-            nodes = torch.cat(parts, dim=1)  # [B, N], -1: no phrase
-            positions = before[:, None] + layout.depths[None]
+            nodes = torch.cat(parts, dim=1)  # [B, N], -1: no token
+            if gamma and layout.suffixes:
+                parents, depths, tree_mask = layout.for_rows(drafted_len)
+            else:
+                parents, depths, tree_mask = layout.parents, layout.depths[None], \
+                    layout.tree_mask
+            positions = before[:, None] + depths
             beyond = positions > self.last_positions[:, None]
             positions = torch.minimum(positions, self.last_positions[:, None])
             input_ids = torch.cat([last_token, nodes.clamp(min=0)], dim=1)
-            logits = _call(session.target, input_ids, positions, layout.tree_mask, False,
+            logits = _call(session.target, input_ids, positions, tree_mask, False,
                            layout.num_columns)
             sampled = session.sampling.do_sample
             if sampled:  # the choice after column c decides new token `generated + depth(c)`
                 generated = torch.tensor([len(row.tokens) - row.prompt_length for row in rows],
                                          dtype=torch.int64).to(device)
-                index = (generated[:, None] + layout.depths[None]).clamp(
-                    max=self.uniforms.shape[1] - 1)
+                index = (generated[:, None] + depths).clamp(max=self.uniforms.shape[1] - 1)
                 choices = choose_tokens(logits.flatten(0, 1), session.sampling,
                                         self.uniforms.gather(1, index).flatten())
                 choices = choices.view(num_rows, -1)
@@ -219,18 +444,21 @@ class DeviceStepper:
             rule = ouroboros_kernels.accept_sampled if sampled \
                 else ouroboros_kernels.accept_greedy
             if nodes.shape[1]:
-                accepted_idx, accepted_len, bonus = rule(candidates, layout.parents, choices)
+                accepted_idx, accepted_len, bonus = rule(candidates, parents, choices)
             else:  # greedy decoding: the tree is the pending token alone
                 accepted_idx = nodes.to(torch.int32)
                 accepted_len = torch.zeros(num_rows, dtype=torch.int32, device=device)
                 bonus = choices[:, 0]
             path_tokens = nodes.gather(1, accepted_idx.clamp(min=0).to(torch.int64))
             num_nodes = nodes.shape[1]
-            host = host_read(torch.cat([accepted_len.to(torch.int64), bonus,
+            host = host_read(torch.cat([accepted_len.to(torch.int64), bonus, drafted_len,
+                                        counters.flatten(),
                                         accepted_idx.flatten().to(torch.int64),
                                         path_tokens.flatten()]), stats)  # the one read
         lengths, bonuses = host[:num_rows], host[num_rows:2 * num_rows]
-        base = 2 * num_rows
+        draft_lengths = host[2 * num_rows:3 * num_rows]
+        row_counters = host[3 * num_rows:5 * num_rows]
+        base = 5 * num_rows
         paths = [host[base + b * num_nodes:base + b * num_nodes + lengths[b]]
                  for b in range(num_rows)]
         base += num_rows * num_nodes
@@ -242,8 +470,12 @@ class DeviceStepper:
         session.target.cache.commit(1, accepted_idx, accepted_len, lengths,
                                     session.target.backend)
         if session.draft is not None:
-            session.draft.cache.truncate([start + min(gamma - 1, a)
-                                          for start, a in zip(committed_from, accepted_draft)])
+            session.draft.cache.truncate(
+                [start + min(count - 1, accepted) if budget > 0 else old
+                 for start, count, accepted, budget, old in
+                 zip(committed_from, draft_lengths, accepted_draft, budgets,
+                     self._draft_before)])
+            self._measure_advance(draft_lengths, row_counters[0::2], budgets)
         # The device copy of the tokens: the chunks written behind each row's text.
         widest = max(len(chunk) for chunk in chunks)
         table = torch.tensor([chunk + [chunk[-1]] * (widest - len(chunk)) for chunk in chunks],
@@ -254,35 +486,63 @@ class DeviceStepper:
         self.tokens.scatter_(1, columns, table)
         for b, row in enumerate(rows):
             row.tokens.extend(chunks[b])
-            self._count(row, paths[b], accepted_draft[b])
+            self._count(row, paths[b], accepted_draft[b], draft_lengths[b],
+                        row_counters[2 * b:2 * b + 2])
+        window_fits = self._window_fits(committed_from, rows)
         if session.pool is not None:
             with _Timer(stats, "time_pool"):
-                self._update_pool(config, drafted, last_token, end_token, choices, found,
-                                  slots, beyond, accepted_idx, accepted_len, committed_from)
-            self._tally(config, committed_from, chunks, accepted_draft)
+                self._update_pool(config, drafted, drafted_len, last_token, end_token, choices,
+                                  found, slots, beyond, accepted_idx, accepted_len,
+                                  committed_from, window_fits)
+            self._tally(config, committed_from, chunks, accepted_draft, draft_lengths,
+                        window_fits)
         return chunks
 
-    def _count(self, row, path: list[int], accepted_draft: int) -> None:
+    def _window_fits(self, committed_from: list[int], rows) -> list[bool]:
+        """Per row: whether the whole window lay within the row's last position (then it
+        yields n-grams and moves to its next iterate; a cut window only offers tokens)."""
+        depth = self.layout.window_depth
+        return [bool(depth) and start - 1 + depth <= row.last_position
+                for start, row in zip(committed_from, rows)]
+
+    def _measure_advance(self, draft_lengths: list[int], passes: list[int],
+                         budgets: list[int]) -> None:
+        """Update the draft tokens per pass from the rows that drafted this step."""
+        if not self.phrases:
+            return
+        total = sum(passes)
+        if total:
+            observed = sum(n for n, budget in zip(draft_lengths, budgets) if budget) / total
+            weight = self.ADVANCE_WEIGHT
+            self.advance = max(1.0, (1 - weight) * self.advance + weight * observed)
+
+    def _count(self, row, path: list[int], accepted_draft: int, drafted: int,
+               counters: list[int]) -> None:
         layout = self.layout
         stats = row.stats
-        gamma, root_end = layout.gamma, layout.gamma + layout.roots * layout.length
+        gamma, length = layout.gamma, layout.length
+        root_end = gamma + layout.roots * length
+        window_start = layout.window_start
         stats.target_passes += 1
         if self.session.draft is not None:
-            stats.draft_passes += gamma
-            stats.draft_tokens += gamma
+            stats.draft_passes += counters[0]
+            stats.draft_tokens += drafted
+            stats.draft_phrase_tokens += counters[1]
         stats.accepted_draft_tokens += accepted_draft
         from_roots = sum(1 for n in path if gamma <= n < root_end)
-        from_suffixes = sum(1 for n in path if n >= root_end)
+        from_suffixes = sum(1 for n in path if root_end <= n < window_start)
         stats.suffix_tokens += from_roots + from_suffixes
         stats.root_phrase_tokens += from_roots
-        label = f"g{gamma} K{layout.suffixes} R{layout.roots} P0"
+        stats.window_tokens += sum(1 for n in path if n >= window_start)
+        label = f"g{gamma} K{layout.suffixes} R{layout.roots} P{self.phrases}"
         stats.shapes[label] = stats.shapes.get(label, 0) + 1
 
-    def _update_pool(self, config, drafted, last_token, end_token, choices, found, slots,
-                     beyond, accepted_idx, accepted_len, committed_from) -> None:
-        """Refinement, inspiration and committed-text n-grams as padded tensors (rows with
-        -1 are skipped by the pool), written as the host step writes them: every
-        refinement, then each row's inserts in row order."""
+    def _update_pool(self, config, drafted, drafted_len, last_token, end_token, choices, found,
+                     slots, beyond, accepted_idx, accepted_len, committed_from,
+                     window_fits) -> None:
+        """Refinement, inspiration, window n-grams and committed-text n-grams as padded
+        tensors (rows with -1 are skipped by the pool), written as the host step writes
+        them: every refinement, then each row's inserts in row order."""
         session, layout = self.session, self.layout
         pool, device = session.pool, self.tokens.device
         gamma, length = layout.gamma, layout.length
@@ -293,10 +553,13 @@ class DeviceStepper:
         accepted_draft = on_chain.to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B]
         phrases = layout.roots + layout.suffixes
         if config.refinement and phrases:
-            corrected = choices[:, layout.choice_of_parent].view(num_rows, phrases, length)
-            in_tree = ~beyond[:, 1 + gamma:].view(num_rows, phrases, length).any(dim=2)
+            corrected = self._phrase_choices(choices, drafted_len).view(num_rows, phrases,
+                                                                        length)
+            first = 1 + gamma
+            in_tree = ~beyond[:, first:first + phrases * length].view(
+                num_rows, phrases, length).any(dim=2)
             at_root = torch.arange(phrases, device=device) < layout.roots
-            in_context = at_root[None, :] | (accepted_draft == gamma)[:, None]
+            in_context = at_root[None, :] | (accepted_draft == drafted_len)[:, None]
             changed = (corrected != found).any(dim=2)
             refine = (found[:, :, 0] >= 0) & in_tree & in_context & changed
             keys = torch.cat([last_token.expand(-1, layout.roots),
@@ -305,18 +568,29 @@ class DeviceStepper:
             pool.refine(keys.flatten(), torch.where(refine, slots, -1).flatten(),
                         corrected.flatten(0, 1))
         inserts = []
-        if config.inspiration and gamma:
-            # [token before the rejection, the target's choices from there to the end].
-            texts = torch.cat([last_token, drafted], dim=1)  # [B, 1 + γ]
+        if config.inspiration and gamma and gamma + 2 > length:  # else no n-gram fits
+            # [token before the rejection, the target's choices from there to the draft's end].
+            texts = torch.cat([last_token, drafted.clamp(min=0)], dim=1)  # [B, 1 + γ]
             before = texts.gather(1, accepted_draft[:, None])
             columns = accepted_draft[:, None] + torch.arange(gamma + 1, device=device)
-            valid = (columns <= gamma) & ~beyond[:, :1 + gamma].gather(
+            valid = (columns <= drafted_len[:, None]) & ~beyond[:, :1 + gamma].gather(
                 1, columns.clamp(max=gamma))
             followed = torch.where(valid, choices.gather(1, columns.clamp(max=gamma)), -1)
             sequence = torch.cat([before, followed], dim=1)  # [B, γ + 2]
             windows = sequence.unfold(1, length + 1, 1)  # [B, γ + 2 - L, L + 1]
-            rejected = (accepted_draft < gamma)[:, None, None]
+            rejected = (accepted_draft < drafted_len)[:, None, None]
             inserts.append(torch.where(rejected, windows, -1))
+        if self.window is not None:
+            # Column c's n-gram: its L guesses and the target's choice after the last one;
+            # those choices are the next iterate's last row.
+            start = 1 + layout.window_start
+            size = layout.window_size
+            last_row = choices[:, start + (length - 1) * size:start + length * size]
+            grams = torch.cat([self.window, last_row[:, None]], dim=1).transpose(1, 2)
+            fits = torch.tensor(window_fits, dtype=torch.bool).to(device)
+            inserts.append(torch.where(fits[:, None, None], grams, -1))
+            following = torch.cat([self.window[:, 1:], last_row[:, None]], dim=1)
+            self.window = torch.where(fits[:, None, None], following, self.window)
         if config.pool_from_output:
             # The n-grams ending in the new tokens: keys at committed_from - L + i.
             count = layout.num_columns
@@ -332,14 +606,30 @@ class DeviceStepper:
             table = torch.cat(inserts, dim=1).flatten(0, 1)  # row-major: row order
             pool.insert(table[:, 0], table[:, 1:])
 
-    def _tally(self, config, committed_from, chunks, accepted_draft) -> None:
+    def _phrase_choices(self, choices: torch.Tensor, drafted_len: torch.Tensor) -> torch.Tensor:
+        """``[B, (R + K) L]``: the target's choice after each phrase node's parent; a row's
+        suffixes hang from its last draft token (column ``drafted``)."""
+        layout = self.layout
+        index = layout.choice_of_parent[None].expand(choices.shape[0], -1)
+        if layout.gamma and layout.suffixes:
+            roots = layout.roots * layout.length
+            column = torch.arange(layout.suffixes * layout.length, device=choices.device)
+            first = (column % layout.length == 0)[None]
+            index = torch.cat([index[:, :roots], torch.where(first, drafted_len[:, None],
+                                                             index[:, roots:])], dim=1)
+        return choices.gather(1, index)
+
+    def _tally(self, config, committed_from, chunks, accepted_draft, draft_lengths,
+               window_fits) -> None:
         """Pool counters of the stats from what the host knows (no read): the committed-text
-        n-grams and, with a rejected draft, the inspiration n-grams (refinements are not
-        counted: that would take a read)."""
-        gamma, length = self.layout.gamma, self.layout.length
-        for row, start, chunk in zip(self.session.live, committed_from, chunks):
+        n-grams, the window's n-grams and, with a rejected draft, the inspiration n-grams
+        (refinements are not counted: that would take a read)."""
+        length = self.layout.length
+        for b, (row, start, chunk) in enumerate(zip(self.session.live, committed_from, chunks)):
             if config.pool_from_output:
                 row.stats.output_ngrams += start + len(chunk) - max(0, start - length) - length
-        for row, accepted in zip(self.session.live, accepted_draft):
-            if config.inspiration and gamma and accepted < gamma:
-                row.stats.inspiration_ngrams += max(0, gamma - accepted + 2 - length)
+            drafted = draft_lengths[b]
+            if config.inspiration and drafted and accepted_draft[b] < drafted:
+                row.stats.inspiration_ngrams += max(0, drafted - accepted_draft[b] + 2 - length)
+            if window_fits[b]:
+                row.stats.window_ngrams += self.layout.window_size

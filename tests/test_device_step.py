@@ -15,6 +15,7 @@ from engine_models import (  # noqa: F401  (single_thread is a fixture)
     tiny_llama,
 )
 
+import ouroboros_kernels
 from ouroboros import OuroborosConfig, OuroborosDecoder
 from ouroboros.device_step import TreeLayout
 
@@ -32,6 +33,15 @@ CONFIGS = {
     "greedy": OuroborosConfig.preset("greedy", step="device"),
     "suffixes-only": OuroborosConfig.preset("lookahead", window=False, num_suffixes=3,
                                             step="device"),
+    # Every preset, and phrase drafting / the target's window in other shapes.
+    "ouroboros": OuroborosConfig.preset("ouroboros", step="device"),
+    "lookahead": OuroborosConfig.preset("lookahead", step="device"),
+    "phrases-roots": OuroborosConfig(gamma=5, draft_phrases=2, num_suffixes=2, root_phrases=1,
+                                     ngram=3, step="device"),
+    "phrases-long": OuroborosConfig(gamma=3, draft_phrases=3, num_suffixes=1, ngram=6,
+                                    step="device"),
+    "window-wide": OuroborosConfig.preset("lookahead", window_size=7, ngram=3, num_suffixes=2,
+                                          root_phrases=1, step="device"),
 }
 
 
@@ -61,11 +71,12 @@ def test_device_step_rows_are_exact(name, draft_kind):
         assert alone.stats.mean_accepted > config.gamma
 
 
-@pytest.mark.parametrize("name", ["suffixes", "roots"])
+@pytest.mark.parametrize("name", ["suffixes", "roots", "ouroboros", "lookahead",
+                                  "phrases-roots"])
 def test_device_step_float64_with_eos_and_the_end_of_the_budget(name):
     target, draft = _models(torch.float64, "perturbed")
     config = CONFIGS[name].replace(attention_backend="reference")
-    decoder = OuroborosDecoder(target, draft, config)
+    decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
     prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (6, 13, 2)]
     for new_tokens in (1, 2, 7, 25):  # trees cut by the budget (nodes past the last position)
         result = decoder.generate(prompts, new_tokens, eos_token_id=EOS)
@@ -95,11 +106,33 @@ def test_the_layout():
     assert layout.depths.tolist() == [0, 1, 2, 1, 2, 3, 4, 3, 4]
     assert layout.choice_of_parent.tolist() == [0, 3, 2, 5, 2, 7]
     assert layout.num_columns == 9
+    # Rows whose drafts hold 2, 1 and 0 tokens: their suffixes hang from slot 1, slot 0 and
+    # the pending token, one and two levels higher, and do not see the unused slots.
+    parents, depths, mask = layout.for_rows(torch.tensor([2, 1, 0]))
+    assert parents[:, 4].tolist() == parents[:, 6].tolist() == [1, 0, -1]
+    assert parents[:, 5].tolist() == [4, 4, 4] and parents[:, 2].tolist() == [-1, -1, -1]
+    assert depths[:, 5:].tolist() == [[3, 4, 3, 4], [2, 3, 2, 3], [1, 2, 1, 2]]
+    visible = ouroboros_kernels.unpack_tree_mask(mask, 9)
+    for row, drafted in enumerate([2, 1, 0]):
+        for column in (5, 6, 7, 8):
+            seen = visible[row, column].nonzero().flatten().tolist()
+            own = [5, 6] if column <= 6 else [7, 8]
+            assert seen == [0] + list(range(1, 1 + drafted)) + \
+                [c for c in own if c <= column], (row, column)
+
+
+def test_the_layout_with_a_window():
+    """A Jacobi window of 2 rows by 3 columns under the pending token, after one suffix."""
+    layout = TreeLayout.build(gamma=0, roots=0, suffixes=1, length=2,
+                              device=torch.device("cpu"), window_size=3)
+    assert layout.window_start == 2 and layout.window_depth == 4
+    # suffix 0, 1; window row 0: 2, 3, 4 (a chain); row 1: 5, 6, 7 (each under row 0's cell)
+    assert layout.parents.tolist() == [-1, 0, -1, 2, 3, 2, 3, 4]
+    assert layout.depths.tolist() == [0, 1, 2, 1, 2, 3, 2, 3, 4]
 
 
 @pytest.mark.parametrize("config, kwargs, message", [
-    (OuroborosConfig(gamma=2, draft_phrases=2, step="device"), {}, "draft_phrases=0"),
-    (OuroborosConfig(gamma=2, draft_phrases=0, window=True, step="device"), {}, "window"),
+    (OuroborosConfig(gamma=2, draft_phrases=2, window=True, step="device"), {}, "window"),
     (CONFIGS["suffixes"].replace(adaptive=True), {}, None),  # tuning off: a fixed tree
 ])
 def test_what_the_device_step_refuses(config, kwargs, message):
@@ -112,13 +145,18 @@ def test_what_the_device_step_refuses(config, kwargs, message):
         decoder.generate([3, 4, 5], 5, **kwargs)
     with pytest.raises(ValueError, match="step must be one of"):
         OuroborosConfig(step="gpu")
-    lookahead = OuroborosDecoder(target, None, OuroborosConfig.preset("lookahead",
-                                                                      step="device"))
-    with pytest.raises(ValueError, match="window"):
-        lookahead.generate([3, 4, 5], 5)
 
 
-@pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only"])
+def test_the_device_step_refuses_generation_config_rules():
+    target, draft = _models(torch.float32, "perturbed")
+    target.generation_config.repetition_penalty = 1.3
+    decoder = OuroborosDecoder(target, draft, CONFIGS["ouroboros"])
+    with pytest.raises(ValueError, match="step='device' cannot run this call: .*generation-"):
+        decoder.generate([3, 4, 5], 5)
+
+
+@pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only", "ouroboros",
+                                  "lookahead"])
 def test_device_step_samples_what_the_host_step_samples(name):
     """Both steps draw the token of output position p from the same uniform u_p: with one
     seed, the same text (for one sequence and for every row of a batch)."""
@@ -142,7 +180,8 @@ def test_device_step_samples_what_the_host_step_samples(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only"])
+@pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only", "ouroboros",
+                                  "lookahead"])
 def test_device_step_on_gpu_matches_generate(name):
     """The compiled kernels on CUDA (head dim 64), a batch of three, float32: every row
     exact, one host read per step."""
@@ -159,12 +198,14 @@ def test_device_step_on_gpu_matches_generate(name):
     assert result.stats.host_reads == result.stats.target_passes
 
 
-def test_no_read_of_the_device_escapes_the_counter(monkeypatch):
+@pytest.mark.parametrize("name", ["roots", "ouroboros", "lookahead"])
+def test_no_read_of_the_device_escapes_the_counter(monkeypatch, name):
     """Every ``tolist`` / ``item`` / ``bool`` of a tensor during the decoding steps is the
     counted one (`ouroboros.generate.host_read`), and there is one per step: nothing in the
     kernels' wrappers, the pool or the attention reads the device behind its back."""
     target, draft = _models(torch.float32, "perturbed")
-    decoder = OuroborosDecoder(target, draft, CONFIGS["roots"])
+    config = CONFIGS[name]
+    decoder = OuroborosDecoder(target, draft if config.use_draft else None, config)
     prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (7, 15)]
     counts = {"reads": 0, "stepping": False}
     real_step = {}

@@ -188,3 +188,44 @@ def test_a_batched_forward_matches_each_row_alone(model):
         prefill(alone, prompt[:-2])
         expected = forward_tree(alone, prompt[-2:], tree)
         torch.testing.assert_close(logits[b, :len(tree) + 1], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_commit_on_device_keeps_bounds_until_a_truncate(model, mirror):
+    """`commit_on_device` does what `commit` does, from device counts only: the host then
+    holds upper bounds (``host_exact`` False), a forward over the inexact cache still sees
+    exactly each row's committed rows, and `truncate` makes the lengths exact again."""
+    from ouroboros.generate import _call
+
+    kwargs = {"max_group_layers": 1, "mirror_groups": True} if mirror else {}
+    device_cache = StaticKVCache.for_model(model, 40, 3, **kwargs)
+    host_cache = StaticKVCache.for_model(model, 40, 3, **kwargs)
+    for cache in (device_cache, host_cache):
+        _filled(cache, 0)
+        cache.commit([5, 2, 7])
+    idx = torch.tensor([[2, 3, -1], [0, -1, -1], [1, 2, 4]], dtype=torch.int32)
+    length = torch.tensor([2, 1, 3], dtype=torch.int32)
+    host_cache.commit([1, 1, 0], idx, length, [2, 1, 3])
+    device_cache.commit_on_device(torch.tensor([1, 1, 0]), idx, length, [9, 30, 12])
+    assert device_cache.lengths.tolist() == host_cache.lengths.tolist() == [8, 4, 10]
+    assert device_cache.host_lengths == [9, 30, 12] and not device_cache.host_exact
+    for group in device_cache.groups:
+        assert group.lengths.tolist() == [8, 4, 10]
+    for device_buffer, host_buffer in zip(device_cache.buffers, host_cache.buffers):
+        assert torch.equal(device_buffer, host_buffer)
+    # One pass of 2 new tokens per row over both caches: the same logits.
+    ids = torch.randint(3, 48, (3, 2), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([[8, 9], [4, 5], [10, 11]])
+    with torch.no_grad():
+        outputs = [_call(ModelRunner(model, cache, cache_kwarg_name(model), "reference"), ids,
+                         positions, None, True, 2) for cache in (device_cache, host_cache)]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="exact host lengths"):
+        device_cache.commit(1)
+    with pytest.raises(RuntimeError, match="exact host lengths"):
+        device_cache.keep_rows([0, 1])
+    with pytest.raises(ValueError, match="3 sequences"):
+        device_cache.commit_on_device(torch.tensor([1, 1, 0]), idx, length, [9, 9])
+    device_cache.truncate([6, 4, 9])
+    assert device_cache.host_exact and device_cache.host_lengths == [6, 4, 9]
+    assert device_cache.lengths.tolist() == [6, 4, 9]
