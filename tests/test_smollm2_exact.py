@@ -59,7 +59,11 @@ def test_smollm2_greedy_is_exact(smollm2_engine, case):
 @pytest.mark.parametrize("draft_kind, config", [
     ("layers4", OuroborosConfig(gamma=3, num_suffixes=2, draft_phrases=1, root_phrases=1)),
     (None, OuroborosConfig.preset("lookahead", window_size=3, num_suffixes=3)),
-], ids=["draft-4-layers", "lookahead"])
+    # The device step (one host read per step): phrase drafting, and the target's window.
+    ("layers4", OuroborosConfig(gamma=3, num_suffixes=2, draft_phrases=2, root_phrases=1,
+                                step="device")),
+    (None, OuroborosConfig.preset("lookahead", window_size=3, num_suffixes=3, step="device")),
+], ids=["draft-4-layers", "lookahead", "device-draft-4-layers", "device-lookahead"])
 def test_smollm2_batch_rows_are_exact(smollm2_engine, draft_kind, config):
     """The three prompts (different lengths) in one left-padded batch: each row is its
     prompt's own greedy output."""
@@ -78,3 +82,5 @@ def test_smollm2_batch_rows_are_exact(smollm2_engine, draft_kind, config):
         assert result.new_tokens[row] == expected[0, ids.shape[1]:].tolist(), row
         assert result.rows[row].sequences.tolist() == expected.tolist()
     assert torch.equal(result.sequences[:, :width], input_ids)
+    if config.step == "device":
+        assert result.stats.host_reads == result.stats.target_passes
