@@ -21,6 +21,7 @@ __all__ = ["ATTENTION_BACKENDS", "PRESETS", "OuroborosConfig", "OverrideError"]
 
 ATTENTION_BACKENDS = ("triton", "reference")
 STEPS = ("host", "device")  # OuroborosConfig.step
+COMPILE_MODES = ("default", "reduce-overhead", "aot_eager")  # OuroborosConfig.compile
 PRESETS = ("greedy", "speculative", "lookahead", "ouroboros")
 
 
@@ -80,6 +81,13 @@ class OuroborosConfig:
             configuration; ``"device"``: the static-shape step with one host read per step
             (`ouroboros.device_step`: token-by-token drafting, suffixes and root phrases, no
             window, greedy, fixed trees).
+        compile: run the device step's draft and target passes through ``torch.compile``
+            with static shapes (`ouroboros.compiled`; only with ``step="device"``): ``False``
+            (default, eager), ``True`` (CUDA graphs on CUDA, inductor elsewhere),
+            ``"default"`` (inductor), ``"reduce-overhead"`` (inductor + CUDA graphs) or
+            ``"aot_eager"`` (traced, not code-generated: quick to compile, for checking).
+            Each pass shape compiles once, on its first use (announced on stderr); the
+            prefill stays eager. The output does not change.
         window_seed: seed of the Jacobi window's initial guesses (drawn from the prompt).
 
     None of these settings changes the output: greedy decoding is token-for-token that of
@@ -107,6 +115,7 @@ class OuroborosConfig:
     cache_margin: int = 8
     window_seed: int = 0
     step: str = "host"
+    compile: bool | str = False
     name: str = "ouroboros"
 
     def __post_init__(self) -> None:
@@ -128,6 +137,12 @@ class OuroborosConfig:
                              f"{self.gamma}")
         if self.step not in STEPS:
             raise ValueError(f"step must be one of {STEPS}, got {self.step!r}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got "
+                             f"{self.compile!r}")
+        if self.compile and self.step != "device":
+            raise ValueError(f"compile={self.compile!r} needs step='device' (the static-shape "
+                             f"step), got step={self.step!r}")
         if self.attention_backend is not None and self.attention_backend not in \
                 ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS} or None, "
@@ -228,7 +243,13 @@ class OuroborosConfig:
                 raise OverrideError(f"expects FIELD=VALUE with FIELD one of "
                                     f"{', '.join(sorted(types))}; got {item!r}")
             kind = types[name]
-            if "bool" in kind:
+            if "bool" in kind and "str" in kind:  # a flag or a mode name (compile)
+                lowered = value.lower()
+                if lowered in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    overrides[name] = lowered in ("true", "1", "yes", "on")
+                else:
+                    overrides[name] = value
+            elif "bool" in kind:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                     raise OverrideError(f"{name}: expected true/false, got {value!r}")
                 overrides[name] = value.lower() in ("true", "1", "yes", "on")

@@ -687,6 +687,10 @@ class OuroborosDecoder:
         rows = {"target": total + config.largest_target_tree}
         if self.draft is not None:
             rows["draft"] = total + config.gamma + config.largest_draft_tree
+        if config.compile:  # fewer cache sizes, fewer compiled shapes (ouroboros.compiled)
+            from ouroboros.compiled import cache_rows
+
+            rows = {name: cache_rows(count) for name, count in rows.items()}
         self._check_memory(rows, max(len(live), 1))
 
         session_rows = []
@@ -754,6 +758,10 @@ class OuroborosDecoder:
                 raise ValueError(f"config.step='device' cannot run this call: {why}; use "
                                  f"step='host'")
             make_step = DeviceStepper
+            if config.compile:  # the passes after the (eager) prefill, captured
+                from ouroboros.compiled import compiled_stepper, resolve_mode
+
+                make_step = compiled_stepper(resolve_mode(config.compile, self.device))
         if live:
             run_generation(session, callback, make_step)
         else:  # every row was at the end of the context already

@@ -242,12 +242,14 @@ class _Timer:
 
 @dataclass
 class ModelRunner:
-    """A model with its static cache and how to call it."""
+    """A model with its static cache and how to call it (``compiled``: the captured passes
+    `_call` runs instead of the eager forward, `ouroboros.compiled.CompiledPasses`)."""
 
     model: torch.nn.Module
     cache: StaticKVCache
     cache_kwarg: str
     backend: str
+    compiled: Callable | None = None
 
     @property
     def length(self) -> int:
@@ -259,6 +261,8 @@ def _call(runner: ModelRunner, input_ids: torch.Tensor, positions: torch.Tensor,
           tree_mask: torch.Tensor | None, causal: bool, keep: int) -> torch.Tensor:
     """One forward of ``input_ids [R, T]`` behind the cache's committed rows; the logits of
     the last ``keep`` columns ``[R, keep, V]``."""
+    if runner.compiled is not None:
+        return runner.compiled(runner, input_ids, positions, tree_mask, causal, keep)
     step = runner.cache.tree_step(input_ids.shape[1], tree_mask, causal, runner.backend)
     with runner.cache.forward_context():  # layers on several GPUs: restores the current one
         output = runner.model(input_ids=input_ids, position_ids=positions, use_cache=True,
