@@ -428,8 +428,9 @@ class DeviceStepper:
             beyond = positions > self.last_positions[:, None]
             positions = torch.minimum(positions, self.last_positions[:, None])
             input_ids = torch.cat([last_token, nodes.clamp(min=0)], dim=1)
-            logits = _call(session.target, input_ids, positions, tree_mask, False,
-                           layout.num_columns)
+            chain = layout.num_columns == 1 + gamma  # no phrases, no window: causal
+            logits = _call(session.target, input_ids, positions, None if chain else tree_mask,
+                           chain, layout.num_columns)
             sampled = session.sampling.do_sample
             if sampled:  # the choice after column c decides new token `generated + depth(c)`
                 generated = torch.tensor([len(row.tokens) - row.prompt_length for row in rows],
