@@ -203,6 +203,11 @@ def graph_count() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def _uses_graphs(mode: str) -> bool:
+    """Whether passes of ``mode`` are CUDA graphs (static buffer, outputs cloned)."""
+    return mode == "reduce-overhead"
+
+
 class CompiledPasses:
     """What `ouroboros.generate._call` runs instead of the eager forward for one runner
     (``ModelRunner.compiled``): the compiled pass over a `StaticCacheView` of its cache."""
@@ -210,7 +215,7 @@ class CompiledPasses:
     def __init__(self, name: str, mode: str) -> None:
         self.name, self.mode = name, mode
         self.function = _function(mode)
-        self.graphs = mode == "reduce-overhead"
+        self.graphs = _uses_graphs(mode)
         self._views: dict[tuple[int, int], StaticCacheView] = {}
 
     def _view(self, cache) -> StaticCacheView:

@@ -108,6 +108,17 @@ def test_no_recompiles_over_a_long_generation():
     assert compiled_module.graph_count() == compiled
 
 
+def test_what_cuda_graphs_need_is_harmless_elsewhere(models, monkeypatch):
+    """The CUDA-graph bookkeeping (the KV buffer marked a static address, a step begun per
+    pass, the logits cloned out of the graph's memory) on the CPU with aot_eager: the same
+    tokens. (The graphs themselves: `test_cuda_graphs_are_exact`, on a GPU.)"""
+    monkeypatch.setattr(compiled_module, "_uses_graphs", lambda mode: True)
+    config = CONFIGS["roots"]
+    prompts = _prompts(2)
+    result = _run(models, config.replace(compile="aot_eager"), prompts)
+    assert result.new_tokens == _run(models, config, prompts).new_tokens
+
+
 def test_cache_rows_are_rounded():
     assert compiled_module.cache_rows(1) == compiled_module.CACHE_ROWS_STEP
     assert compiled_module.cache_rows(compiled_module.CACHE_ROWS_STEP) == \
