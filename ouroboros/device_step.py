@@ -55,8 +55,6 @@ __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
 
 def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
     """Why the device step cannot run this call (None: it can)."""
-    if config.window and config.use_draft:
-        return "its Jacobi window runs in the target only (window=False with a draft model)"
     if rules:
         return ("it applies no generation-config rules (repetition penalty, suppressed "
                 "tokens, ...)")
@@ -178,7 +176,7 @@ class DeviceStepper:
     def __init__(self, session: Session) -> None:
         config, device = session.config, session.device
         self.session = session
-        window_size = config.window_size if config.window else 0
+        window_size = config.window_size if config.window and session.draft is None else 0
         self.layout = TreeLayout.build(config.gamma, config.root_phrases, config.num_suffixes,
                                        config.phrase_len, device, window_size)
         rows = session.live
@@ -193,9 +191,15 @@ class DeviceStepper:
         # Sampling: every row's uniforms u_p (one per output position), [B, U].
         self.uniforms = torch.stack([row.uniforms for row in rows]) \
             if session.sampling.do_sample else None
+        drafting = session.draft is not None
         self.window = torch.tensor([row.target_window.rows for row in rows],
-                                   dtype=torch.int64).to(device) if window_size else None
-        self.phrases = config.draft_phrases if session.draft is not None else 0
+                                   dtype=torch.int64).to(device) \
+            if config.window and not drafting else None
+        self.draft_window = torch.tensor([row.draft_window.rows for row in rows],
+                                         dtype=torch.int64).to(device) \
+            if config.window and drafting else None
+        self.phrases = config.draft_phrases if drafting else 0
+        self._pass_tree(config)
         self.advance = 1.0  # draft tokens per pass, as measured so far (phrase drafting)
         self._draft_before: list[int] = []  # the draft cache's lengths when the step began
 
@@ -208,25 +212,57 @@ class DeviceStepper:
             self.uniforms = self.uniforms.index_select(0, index)
         if self.window is not None:
             self.window = self.window.index_select(0, index)
+        if self.draft_window is not None:
+            self.draft_window = self.draft_window.index_select(0, index)
 
     def passes(self, budget: int) -> int:
         """Draft passes of this step: ``budget`` (the most draft tokens a row may use) token
         by token; phrase by phrase, enough for ``budget`` tokens at the measured advance."""
-        if not self.phrases:
+        if not self.phrases and self.draft_window is None:
             return budget
         return max(1, min(budget, math.ceil(budget / self.advance - 1e-9)))
 
     # ------------------------------------------------------------------ the draft
 
-    def _catch_up(self, runner, phrases: int) -> tuple:
-        """The first draft pass's input: each row's pending tokens (committed, not yet in the
-        draft cache: 1 to L + 2) padded to L + 2 columns, hanging ``phrases`` pool phrases
-        of L tokens from the last of them. Returns ``(input_ids [B, H + PL], positions,
-        visible [B, T, T], counts [B], host counts, found [B, P, L] or None, beyond
-        [B, PL])``: ``beyond`` marks phrase nodes past the row's last position."""
-        device, length = self.tokens.device, self.layout.length
+    def _pass_tree(self, config) -> None:
+        """The nodes every draft pass hangs from its last fed token: P pool phrases of L
+        tokens (chains), then the draft's Jacobi window (cells as in `TreeLayout`). Sets
+        ``pass_parents int64[N]``, ``pass_visible bool[N, N]`` (node i sees node j) and
+        ``pass_depths int64[N]`` (1: a child of the fed token)."""
+        device, length = self.tokens.device, config.phrase_len
+        parents: list[int] = []
+        for _ in range(self.phrases):
+            parents += _chain_parents(len(parents), length, -1)
+        self.pass_window_start = len(parents)
+        size = config.window_size if self.draft_window is not None else 0
+        if size:
+            start = len(parents)
+            parents += _chain_parents(start, size, -1)
+            for j in range(1, length):
+                parents += [start + (j - 1) * size + c for c in range(size)]
+        self.pass_window_size = size
+        self.pass_window_depth = size + length - 1 if size else 0
+        self.pass_parents = torch.tensor(parents, dtype=torch.int64, device=device)
+        if parents:
+            mask, depths = ouroboros_kernels.build_tree(self.pass_parents.to(torch.int32))
+            self.pass_visible = ouroboros_kernels.unpack_tree_mask(mask, len(parents))
+            self.pass_depths = depths.to(torch.int64) + 1
+        else:
+            self.pass_visible = torch.zeros(0, 0, dtype=torch.bool, device=device)
+            self.pass_depths = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def _head(self, runner, first: bool, last: torch.Tensor | None) -> tuple:
+        """What a draft pass feeds before its tree: the first pass, each row's pending tokens
+        (committed, not yet in the draft cache: 1 to L + 2) padded to L + 2 columns; a later
+        one, the row's last draft token ``last [B]``. Returns ``(input_ids [B, H], positions
+        [B, H], visible [B, H, H], fed [B, H], count [B], host counts or None)``."""
+        device = self.tokens.device
+        starts = runner.cache.lengths.to(torch.int64)
+        if not first:
+            ones = torch.ones(last.shape[0], 1, dtype=torch.bool, device=device)
+            return last[:, None], starts[:, None], ones[:, :, None], ones, ones[:, 0].long(), \
+                None
         rows = self.session.live
-        starts = runner.cache.lengths.to(torch.int64)  # [B], exact before the draft
         counts = [len(row.tokens) - cached for row, cached in zip(rows, runner.cache.host_lengths)]
         width = self.pending_width
         if max(counts) > width:
@@ -240,40 +276,35 @@ class DeviceStepper:
         # Each fed token sees the fed ones before it; a padding column only itself.
         visible = (columns[None, None, :] <= columns[None, :, None]) & fed[:, :, None] | \
             torch.eye(width, dtype=torch.bool, device=device)[None]
-        found = beyond = None
-        if phrases:
-            last = self.tokens.gather(1, (starts + count - 1)[:, None])[:, 0]
-            found = self._lookup(last, phrases)
-            nodes = phrases * length
-            end = starts + count - 1  # the position of the last pending token
-            depth = torch.arange(length, device=device).repeat(phrases) + 1
-            input_ids = torch.cat([input_ids, found.flatten(1).clamp(min=0)], dim=1)
-            positions = torch.cat([positions, end[:, None] + depth[None]], dim=1)
-            template = self._phrase_visible(phrases, width)  # [T, T]
-            sees_pending = torch.zeros(width + nodes, width + nodes, dtype=torch.bool,
-                                       device=device)
-            sees_pending[width:, :width] = True
-            visible = torch.cat([
-                torch.cat([visible, torch.zeros(visible.shape[0], width, nodes,
-                                                dtype=torch.bool, device=device)], dim=2),
-                torch.zeros(visible.shape[0], nodes, width + nodes, dtype=torch.bool,
-                            device=device)], dim=1)
-            fed = torch.cat([fed, torch.zeros(fed.shape[0], nodes, dtype=torch.bool,
-                                              device=device)], dim=1)
-            visible = visible | template[None] | sees_pending[None] & fed[:, None, :]
-            beyond = positions[:, width:] > self.last_positions[:, None]
-        positions = torch.minimum(positions, self.last_positions[:, None])
-        return input_ids, positions, visible, count, counts, found, beyond
+        return input_ids, positions, visible, fed, count, counts
 
-    def _phrase_visible(self, phrases: int, head: int) -> torch.Tensor:
-        """``bool[H + PL, H + PL]``: each phrase node sees itself and the nodes before it in
-        its phrase (the head's columns are added by the caller)."""
-        length = self.layout.length
-        total = head + phrases * length
-        node = torch.arange(total, device=self.tokens.device) - head
-        same = (node[:, None] // length == node[None, :] // length) & \
-            (node[None, :] <= node[:, None])
-        return same & (node[:, None] >= 0) & (node[None, :] >= 0)
+    def _with_tree(self, head: tuple, end_token: torch.Tensor) -> tuple:
+        """A draft pass's whole input: the ``head`` (`_head`) and, hanging from its last fed
+        token ``end_token [B]``, the pool phrases keyed by it and the draft's window. Returns
+        ``(input_ids [B, T], positions [B, T], tree_mask [B, T, W], nodes [B, N] (-1: none,
+        or past the row's last position), window_fits [B])``."""
+        input_ids, positions, visible, fed, count, _ = head
+        device = self.tokens.device
+        batch, width = input_ids.shape
+        parts = []
+        if self.phrases:
+            parts.append(self._lookup(end_token, self.phrases).flatten(1))
+        if self.draft_window is not None:
+            parts.append(self.draft_window.flatten(1))
+        nodes = torch.cat(parts, dim=1)
+        num_nodes = nodes.shape[1]
+        end = positions.gather(1, (count - 1)[:, None])  # [B, 1]: the last fed token's
+        node_positions = end + self.pass_depths[None]
+        nodes = torch.where(node_positions > self.last_positions[:, None], -1, nodes)
+        total = width + num_nodes
+        full = torch.zeros(batch, total, total, dtype=torch.bool, device=device)
+        full[:, :width, :width] = visible
+        full[:, width:, width:] = self.pass_visible[None]
+        full[:, width:, :width] = fed[:, None, :]  # every node sees the fed tokens
+        window_fits = end[:, 0] + self.pass_window_depth <= self.last_positions
+        return (torch.cat([input_ids, nodes.clamp(min=0)], dim=1),
+                torch.cat([positions, node_positions], dim=1),
+                ouroboros_kernels.pack_tree_mask(full), nodes, window_fits)
 
     def _lookup(self, keys: torch.Tensor, count: int) -> torch.Tensor:
         """The ``count`` newest pool phrases of each key ``int64[B]``: ``int64[B, count, L]``,
@@ -282,67 +313,75 @@ class DeviceStepper:
             found, _, _ = self.session.pool.lookup(keys, count)
         return found.to(torch.int64)
 
-    def _draft_tokens(self, budgets: list[int]) -> tuple[torch.Tensor, torch.Tensor, list,
-                                                          int]:
+    def _advance_draft_window(self, choices: torch.Tensor, head: int, moves: torch.Tensor
+                              ) -> None:
+        """After a draft pass: the window's n-grams into the pool and its next iterate, for
+        the rows where ``moves [B]`` (drafting, and the whole window fitted)."""
+        size, length = self.pass_window_size, self.layout.length
+        start = head + self.pass_window_start + (length - 1) * size
+        outputs = choices[:, start:start + size]  # the draft's choices after the last row
+        grams = torch.cat([self.draft_window, outputs[:, None]], dim=1).transpose(1, 2)
+        grams = torch.where(moves[:, None, None], grams, -1).flatten(0, 1)
+        with _Timer(self.session.stats, "time_pool"):
+            self.session.pool.insert(grams[:, 0], grams[:, 1:])
+        following = torch.cat([self.draft_window[:, 1:], outputs[:, None]], dim=1)
+        self.draft_window = torch.where(moves[:, None, None], following, self.draft_window)
+
+    def _draft_tokens(self, budgets: list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, int]:
         """Each row's draft: ``(draft int64[B, γ] (-1 past the row's draft), drafted int64[B],
-        counters int64[B, 2] (passes the row took part in, phrase tokens it accepted),
-        passes)``; ``budgets[b]`` (host) is the most draft tokens row b may use."""
+        counters int64[B, 3] (passes the row took part in, tree tokens it accepted, window
+        n-grams it made), passes)``; ``budgets[b]`` (host) is the most draft tokens row b may
+        use."""
         session, layout = self.session, self.layout
         runner, device = session.draft, self.tokens.device
-        gamma, length, phrases = layout.gamma, layout.length, self.phrases
+        gamma = layout.gamma
         num_rows = len(budgets)
         budget = torch.tensor(budgets, dtype=torch.int64, device=device)
         passes = self.passes(max(budgets))
+        tree = len(self.pass_parents) > 0
+        longest = max(self.layout.length, self.pass_window_depth)  # most tokens a pass adds
         # Draft tokens so far, one spare column past γ for the writes that fall beyond.
-        draft = torch.full((num_rows, gamma + length + 2), -1, dtype=torch.int64,
+        draft = torch.full((num_rows, gamma + longest + 2), -1, dtype=torch.int64,
                            device=device)
-        drafted = torch.zeros(num_rows, dtype=torch.int64, device=device)
-        counters = torch.zeros(num_rows, 2, dtype=torch.int64, device=device)
-        committed = [len(row.tokens) for row in session.live]
-        host_before = self._draft_before
         spare = draft.shape[1] - 1
+        drafted = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        counters = torch.zeros(num_rows, 3, dtype=torch.int64, device=device)
+        bounds = [len(row.tokens) + b - 1 if b else before
+                  for row, b, before in zip(session.live, budgets, self._draft_before)]
         for step in range(passes):
             active = drafted < budget  # [B]
-            if step == 0:
-                input_ids, positions, visible, count, host_counts, found, beyond = \
-                    self._catch_up(runner, phrases)
-                head = self.pending_width
-                mask = ouroboros_kernels.pack_tree_mask(visible)
+            last = None if step == 0 else \
+                draft.gather(1, (drafted - 1).clamp(min=0)[:, None])[:, 0].clamp(min=0)
+            head = self._head(runner, step == 0, last)
+            input_ids, positions, visible, fed, count, host_counts = head
+            width = input_ids.shape[1]
+            if tree:
+                end_token = input_ids.gather(1, (count - 1)[:, None])[:, 0]
+                input_ids, positions, mask, nodes, window_fits = self._with_tree(head,
+                                                                                 end_token)
                 causal = False
             else:
-                last = draft.gather(1, (drafted - 1).clamp(min=0)[:, None])[:, 0].clamp(min=0)
-                count = torch.ones(num_rows, dtype=torch.int64, device=device)
-                head, found = 1, None
-                start = runner.cache.lengths.to(torch.int64)
-                if phrases:
-                    found = self._lookup(last, phrases)
-                    depth = torch.arange(length, device=device).repeat(phrases) + 1
-                    input_ids = torch.cat([last[:, None], found.flatten(1).clamp(min=0)],
-                                          dim=1)
-                    positions = torch.cat([start[:, None], start[:, None] + depth[None]], dim=1)
-                    beyond = positions[:, 1:] > self.last_positions[:, None]
-                    visible = self._phrase_visible(phrases, 1)
-                    visible[:, 0] = True
-                    mask, causal = ouroboros_kernels.pack_tree_mask(visible)[None], False
-                else:
-                    input_ids, positions, mask, causal = last[:, None], start[:, None], None, \
-                        True
-                positions = torch.minimum(positions, self.last_positions[:, None])
+                mask = None if step else ouroboros_kernels.pack_tree_mask(visible)
+                causal = step > 0
+            positions = torch.minimum(positions, self.last_positions[:, None])
             logits = _call(runner, input_ids, positions, mask, causal, input_ids.shape[1])
             choices = logits.argmax(dim=-1)  # the draft's greedy choices [B, T]
             end_choice = choices.gather(1, (count - 1)[:, None])  # after the last fed token
-            if found is not None:
-                nodes = torch.where(beyond, -1, found.flatten(1))
-                parents = self._phrase_parents(phrases)
+            if tree:
                 accepted_idx, accepted_len, bonus = ouroboros_kernels.accept_greedy(
-                    nodes, parents, torch.cat([end_choice, choices[:, head:]], dim=1))
+                    nodes, self.pass_parents, torch.cat([end_choice, choices[:, width:]], dim=1))
                 path = nodes.gather(1, accepted_idx.clamp(min=0).to(torch.int64))
                 accepted = accepted_len.to(torch.int64)
+                if self.draft_window is not None:
+                    moves = active & window_fits
+                    self._advance_draft_window(choices, width, moves)
+                    counters[:, 2] += moves.to(torch.int64) * self.pass_window_size
             else:
                 bonus, accepted = end_choice[:, 0], torch.zeros_like(drafted)
                 path = draft[:, :0]
-            # New draft tokens: the accepted phrase prefix, then the draft's own next token;
-            # cut at the row's budget (the K/V kept: all but the last new token).
+            # New draft tokens: the accepted tree path, then the draft's own next token; cut
+            # at the row's budget (the K/V kept: all but the last new token).
             take = torch.where(active, torch.minimum(accepted + 1, budget - drafted), 0)
             new = torch.cat([path, torch.zeros_like(drafted)[:, None]], dim=1)
             new = new.scatter(1, accepted[:, None], bonus[:, None])
@@ -351,14 +390,12 @@ class DeviceStepper:
                                   spare)
             draft.scatter_(1, columns, new)
             draft[:, spare] = -1
-            keep = (take - 1).clamp(min=0)  # accepted phrase tokens whose K/V stay
-            pending = torch.where(active, count, 0)
-            if phrases:
+            keep = (take - 1).clamp(min=0)  # accepted tree tokens whose K/V stay
+            if tree:
                 shifted = torch.where(accepted_idx >= 0, accepted_idx.to(torch.int64)
-                                      + (head - count)[:, None], -1)
-                bounds = [start + budget - 1 if budget else before for start, budget, before
-                          in zip(committed, budgets, host_before)]
-                runner.cache.commit_on_device(pending, shifted, keep, bounds, runner.backend)
+                                      + (width - count)[:, None], -1)
+                runner.cache.commit_on_device(torch.where(active, count, 0), shifted, keep,
+                                              bounds, runner.backend)
             else:  # one token per pass: the host knows every row's count
                 runner.cache.commit([(host_counts[b] if step == 0 else 1) if row_budget > step
                                      else 0 for b, row_budget in enumerate(budgets)])
@@ -367,13 +404,6 @@ class DeviceStepper:
             drafted = drafted + take
         session.stats.draft_passes += passes
         return draft[:, :gamma], drafted, counters, passes
-
-    def _phrase_parents(self, phrases: int) -> torch.Tensor:
-        """``int64[PL]``: phrase nodes as chains hanging from the pass's last fed token."""
-        parents = []
-        for _ in range(phrases):
-            parents += _chain_parents(len(parents), self.layout.length, -1)
-        return torch.tensor(parents, dtype=torch.int64, device=self.tokens.device)
 
     # ------------------------------------------------------------------ the step
 
@@ -396,7 +426,7 @@ class DeviceStepper:
         else:
             drafted = torch.full((num_rows, gamma), -1, dtype=torch.int64, device=device)
             drafted_len = torch.zeros(num_rows, dtype=torch.int64, device=device)
-            counters = torch.zeros(num_rows, 2, dtype=torch.int64, device=device)
+            counters = torch.zeros(num_rows, 3, dtype=torch.int64, device=device)
         # The suffixes' key: the row's last draft token, else its last committed token.
         end_token = last_token[:, 0]
         if gamma:
@@ -458,8 +488,8 @@ class DeviceStepper:
                                         path_tokens.flatten()]), stats)  # the one read
         lengths, bonuses = host[:num_rows], host[num_rows:2 * num_rows]
         draft_lengths = host[2 * num_rows:3 * num_rows]
-        row_counters = host[3 * num_rows:5 * num_rows]
-        base = 5 * num_rows
+        row_counters = host[3 * num_rows:6 * num_rows]
+        base = 6 * num_rows
         paths = [host[base + b * num_nodes:base + b * num_nodes + lengths[b]]
                  for b in range(num_rows)]
         base += num_rows * num_nodes
@@ -476,7 +506,7 @@ class DeviceStepper:
                  for start, count, accepted, budget, old in
                  zip(committed_from, draft_lengths, accepted_draft, budgets,
                      self._draft_before)])
-            self._measure_advance(draft_lengths, row_counters[0::2], budgets)
+            self._measure_advance(draft_lengths, row_counters[0::3], budgets)
         # The device copy of the tokens: the chunks written behind each row's text.
         widest = max(len(chunk) for chunk in chunks)
         table = torch.tensor([chunk + [chunk[-1]] * (widest - len(chunk)) for chunk in chunks],
@@ -488,7 +518,7 @@ class DeviceStepper:
         for b, row in enumerate(rows):
             row.tokens.extend(chunks[b])
             self._count(row, paths[b], accepted_draft[b], draft_lengths[b],
-                        row_counters[2 * b:2 * b + 2])
+                        row_counters[3 * b:3 * b + 3])
         window_fits = self._window_fits(committed_from, rows)
         if session.pool is not None:
             with _Timer(stats, "time_pool"):
@@ -509,7 +539,7 @@ class DeviceStepper:
     def _measure_advance(self, draft_lengths: list[int], passes: list[int],
                          budgets: list[int]) -> None:
         """Update the draft tokens per pass from the rows that drafted this step."""
-        if not self.phrases:
+        if not self.phrases and self.draft_window is None:
             return
         total = sum(passes)
         if total:
@@ -529,6 +559,7 @@ class DeviceStepper:
             stats.draft_passes += counters[0]
             stats.draft_tokens += drafted
             stats.draft_phrase_tokens += counters[1]
+            stats.window_ngrams += counters[2]
         stats.accepted_draft_tokens += accepted_draft
         from_roots = sum(1 for n in path if gamma <= n < root_end)
         from_suffixes = sum(1 for n in path if root_end <= n < window_start)

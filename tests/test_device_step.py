@@ -42,6 +42,11 @@ CONFIGS = {
                                     step="device"),
     "window-wide": OuroborosConfig.preset("lookahead", window_size=7, ngram=3, num_suffixes=2,
                                           root_phrases=1, step="device"),
+    # The Jacobi window in the draft's passes, beside its phrases (the tuned envelopes').
+    "draft-window": OuroborosConfig(gamma=6, draft_phrases=2, window=True, window_size=2,
+                                    ngram=3, num_suffixes=3, root_phrases=2, step="device"),
+    "draft-window-only": OuroborosConfig(gamma=4, draft_phrases=0, window=True, window_size=3,
+                                         num_suffixes=1, step="device"),
 }
 
 
@@ -72,7 +77,7 @@ def test_device_step_rows_are_exact(name, draft_kind):
 
 
 @pytest.mark.parametrize("name", ["suffixes", "roots", "ouroboros", "lookahead",
-                                  "phrases-roots"])
+                                  "phrases-roots", "draft-window"])
 def test_device_step_float64_with_eos_and_the_end_of_the_budget(name):
     target, draft = _models(torch.float64, "perturbed")
     config = CONFIGS[name].replace(attention_backend="reference")
@@ -132,7 +137,6 @@ def test_the_layout_with_a_window():
 
 
 @pytest.mark.parametrize("config, kwargs, message", [
-    (OuroborosConfig(gamma=2, draft_phrases=2, window=True, step="device"), {}, "window"),
     (CONFIGS["suffixes"].replace(adaptive=True), {}, None),  # tuning off: a fixed tree
 ])
 def test_what_the_device_step_refuses(config, kwargs, message):
@@ -156,7 +160,7 @@ def test_the_device_step_refuses_generation_config_rules():
 
 
 @pytest.mark.parametrize("name", ["speculative", "roots", "suffixes-only", "ouroboros",
-                                  "lookahead"])
+                                  "lookahead", "draft-window"])
 def test_device_step_samples_what_the_host_step_samples(name):
     """Both steps draw the token of output position p from the same uniform u_p: with one
     seed, the same text (for one sequence and for every row of a batch)."""
@@ -198,7 +202,7 @@ def test_device_step_on_gpu_matches_generate(name):
     assert result.stats.host_reads == result.stats.target_passes
 
 
-@pytest.mark.parametrize("name", ["roots", "ouroboros", "lookahead"])
+@pytest.mark.parametrize("name", ["roots", "ouroboros", "lookahead", "draft-window"])
 def test_no_read_of_the_device_escapes_the_counter(monkeypatch, name):
     """Every ``tolist`` / ``item`` / ``bool`` of a tensor during the decoding steps is the
     counted one (`ouroboros.generate.host_read`), and there is one per step: nothing in the
