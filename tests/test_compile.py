@@ -71,6 +71,21 @@ def test_compiled_device_step_is_exact(models, name, batch):
     assert result.stats.host_reads == result.stats.target_passes
 
 
+@pytest.mark.parametrize("name", ["speculative", "roots"])
+def test_compiled_device_step_samples_what_the_eager_one_samples(models, name):
+    """Sampling (the device step's uniform per output position): with one seed the compiled
+    passes give the eager step's text."""
+    target, draft = models
+    config = CONFIGS[name]
+    prompts = _prompts(2)
+    outputs = []
+    for compile in (False, "aot_eager"):
+        decoder = OuroborosDecoder(target, draft, config.replace(compile=compile))
+        outputs.append(decoder.generate(prompts, NEW_TOKENS, do_sample=True, temperature=1.3,
+                                        top_k=20, seed=11).new_tokens)
+    assert outputs[0] == outputs[1]
+
+
 def test_inductor_is_exact_and_says_what_it_compiles(models, capfd):
     """Inductor's generated code (the default mode on the CPU): one configuration with one
     pass shape (suffixes without a draft, batch 1) to keep the compile to a few seconds."""
