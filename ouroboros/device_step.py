@@ -47,7 +47,8 @@ from dataclasses import dataclass
 import torch
 
 import ouroboros_kernels
-from ouroboros.generate import Session, _call, _Timer, host_read
+from ouroboros.adaptive import StepObservation
+from ouroboros.generate import Session, _call, _Timer, host_read, plan_step
 from ouroboros.sampling import choose_tokens
 
 __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
@@ -58,8 +59,6 @@ def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
     if rules:
         return ("it applies no generation-config rules (repetition penalty, suppressed "
                 "tokens, ...)")
-    if planner:
-        return "its tree is fixed (adaptive=False)"
     return None
 
 
@@ -118,7 +117,8 @@ class TreeLayout:
                 parents += [start + (j - 1) * window_size + c for c in range(window_size)]
         columns = [-1] + [p + 1 for p in parents]  # the pending token is column 0
         mask, depths = ouroboros_kernels.build_tree(torch.tensor(columns, dtype=torch.int32,
-                                                                 device=device))
+                                                                 device=device),
+                                                    validate=False)  # valid by construction
         phrase_parents = parents[gamma:gamma + (roots + suffixes) * length]
         suffix_columns = torch.zeros(len(columns), dtype=torch.bool, device=device)
         first = 1 + gamma + roots * length
@@ -176,9 +176,11 @@ class DeviceStepper:
     def __init__(self, session: Session) -> None:
         config, device = session.config, session.device
         self.session = session
-        window_size = config.window_size if config.window and session.draft is None else 0
-        self.layout = TreeLayout.build(config.gamma, config.root_phrases, config.num_suffixes,
-                                       config.phrase_len, device, window_size)
+        self._window_size = config.window_size if config.window and session.draft is None \
+            else 0
+        self._layouts: dict[tuple[int, int, int], TreeLayout] = {}
+        self._pass_trees: dict[int, tuple] = {}
+        self._use_layout(config.gamma, config.root_phrases, config.num_suffixes)
         rows = session.live
         width = max(len(row.tokens) + row.max_new_tokens for row in rows) + 1
         tokens = torch.zeros(len(rows), width, dtype=torch.int64)
@@ -198,8 +200,8 @@ class DeviceStepper:
         self.draft_window = torch.tensor([row.draft_window.rows for row in rows],
                                          dtype=torch.int64).to(device) \
             if config.window and drafting else None
-        self.phrases = config.draft_phrases if drafting else 0
-        self._pass_tree(config)
+        self._use_pass_tree(config.draft_phrases if drafting else 0)
+        self._phrase_mask: torch.Tensor | None = None  # [B, P]: phrases each row tries
         self.advance = 1.0  # draft tokens per pass, as measured so far (phrase drafting)
         self._draft_before: list[int] = []  # the draft cache's lengths when the step began
 
@@ -224,32 +226,50 @@ class DeviceStepper:
 
     # ------------------------------------------------------------------ the draft
 
-    def _pass_tree(self, config) -> None:
-        """The nodes every draft pass hangs from its last fed token: P pool phrases of L
-        tokens (chains), then the draft's Jacobi window (cells as in `TreeLayout`). Sets
-        ``pass_parents int64[N]``, ``pass_visible bool[N, N]`` (node i sees node j) and
-        ``pass_depths int64[N]`` (1: a child of the fed token)."""
-        device, length = self.tokens.device, config.phrase_len
+    def _use_layout(self, gamma: int, roots: int, suffixes: int) -> None:
+        """Make `layout` the target tree of this shape (built once per shape)."""
+        key = (gamma, roots, suffixes)
+        if key not in self._layouts:
+            self._layouts[key] = TreeLayout.build(gamma, roots, suffixes,
+                                                  self.session.config.phrase_len,
+                                                  self.session.device, self._window_size)
+        self.layout = self._layouts[key]
+
+    def _use_pass_tree(self, phrases: int) -> None:
+        """Make the draft passes hang ``phrases`` pool phrases (built once per count)."""
+        if phrases not in self._pass_trees:
+            self._pass_trees[phrases] = self._pass_tree(phrases)
+        (self.phrases, self.pass_parents, self.pass_visible, self.pass_depths,
+         self.pass_window_start, self.pass_window_size, self.pass_window_depth) = \
+            self._pass_trees[phrases]
+
+    def _pass_tree(self, phrases: int) -> tuple:
+        """The nodes every draft pass hangs from its last fed token: ``phrases`` pool phrases
+        of L tokens (chains), then the draft's Jacobi window (cells as in `TreeLayout`).
+        Returns ``(phrases, parents int64[N], visible bool[N, N] (node i sees node j), depths
+        int64[N] (1: a child of the fed token), window start, window size, window depth)``."""
+        config = self.session.config
+        device, length = self.session.device, config.phrase_len
         parents: list[int] = []
-        for _ in range(self.phrases):
+        for _ in range(phrases):
             parents += _chain_parents(len(parents), length, -1)
-        self.pass_window_start = len(parents)
-        size = config.window_size if self.draft_window is not None else 0
+        window_start = len(parents)
+        size = config.window_size if config.window and self.session.draft is not None else 0
         if size:
             start = len(parents)
             parents += _chain_parents(start, size, -1)
             for j in range(1, length):
                 parents += [start + (j - 1) * size + c for c in range(size)]
-        self.pass_window_size = size
-        self.pass_window_depth = size + length - 1 if size else 0
-        self.pass_parents = torch.tensor(parents, dtype=torch.int64, device=device)
+        tensor = torch.tensor(parents, dtype=torch.int64, device=device)
         if parents:
-            mask, depths = ouroboros_kernels.build_tree(self.pass_parents.to(torch.int32))
-            self.pass_visible = ouroboros_kernels.unpack_tree_mask(mask, len(parents))
-            self.pass_depths = depths.to(torch.int64) + 1
+            mask, depths = ouroboros_kernels.build_tree(tensor.to(torch.int32), validate=False)
+            visible = ouroboros_kernels.unpack_tree_mask(mask, len(parents))
+            depths = depths.to(torch.int64) + 1
         else:
-            self.pass_visible = torch.zeros(0, 0, dtype=torch.bool, device=device)
-            self.pass_depths = torch.zeros(0, dtype=torch.int64, device=device)
+            visible = torch.zeros(0, 0, dtype=torch.bool, device=device)
+            depths = torch.zeros(0, dtype=torch.int64, device=device)
+        return (phrases, tensor, visible, depths, window_start, size,
+                size + length - 1 if size else 0)
 
     def _head(self, runner, first: bool, last: torch.Tensor | None) -> tuple:
         """What a draft pass feeds before its tree: the first pass, each row's pending tokens
@@ -265,8 +285,8 @@ class DeviceStepper:
         rows = self.session.live
         counts = [len(row.tokens) - cached for row, cached in zip(rows, runner.cache.host_lengths)]
         width = self.pending_width
-        if max(counts) > width:
-            raise RuntimeError(f"device step: {max(counts)} pending draft tokens > {width}")
+        while width < max(counts):  # rows that skipped the draft for a while: a wider bucket
+            width *= 2
         count = torch.tensor(counts, dtype=torch.int64, device=device)
         columns = torch.arange(width, device=device)
         fed = columns[None, :] < count[:, None]
@@ -288,7 +308,10 @@ class DeviceStepper:
         batch, width = input_ids.shape
         parts = []
         if self.phrases:
-            parts.append(self._lookup(end_token, self.phrases).flatten(1))
+            found = self._lookup(end_token, self.phrases)
+            if self._phrase_mask is not None:  # rows that try fewer phrases this step
+                found = torch.where(self._phrase_mask[:, :, None], found, -1)
+            parts.append(found.flatten(1))
         if self.draft_window is not None:
             parts.append(self.draft_window.flatten(1))
         nodes = torch.cat(parts, dim=1)
@@ -347,8 +370,9 @@ class DeviceStepper:
         spare = draft.shape[1] - 1
         drafted = torch.zeros(num_rows, dtype=torch.int64, device=device)
         counters = torch.zeros(num_rows, 3, dtype=torch.int64, device=device)
-        bounds = [len(row.tokens) + b - 1 if b else before
-                  for row, b, before in zip(session.live, budgets, self._draft_before)]
+        # Every row catches up in the first pass; drafting rows then hold less than their
+        # text and budget (cached: the text and all but the last draft token).
+        bounds = [len(row.tokens) + max(b - 1, 0) for row, b in zip(session.live, budgets)]
         for step in range(passes):
             active = drafted < budget  # [B]
             last = None if step == 0 else \
@@ -394,11 +418,12 @@ class DeviceStepper:
             if tree:
                 shifted = torch.where(accepted_idx >= 0, accepted_idx.to(torch.int64)
                                       + (width - count)[:, None], -1)
-                runner.cache.commit_on_device(torch.where(active, count, 0), shifted, keep,
+                fed_rows = active | (step == 0)  # the first pass catches every row up
+                runner.cache.commit_on_device(torch.where(fed_rows, count, 0), shifted, keep,
                                               bounds, runner.backend)
             else:  # one token per pass: the host knows every row's count
-                runner.cache.commit([(host_counts[b] if step == 0 else 1) if row_budget > step
-                                     else 0 for b, row_budget in enumerate(budgets)])
+                runner.cache.commit([host_counts[b] if step == 0 else int(row_budget > step)
+                                     for b, row_budget in enumerate(budgets)])
             counters[:, 0] += active.to(torch.int64)
             counters[:, 1] += keep
             drafted = drafted + take
@@ -409,13 +434,30 @@ class DeviceStepper:
 
     def __call__(self, session: Session) -> list[list[int]]:
         """One step of every live row; returns each row's accepted tokens (path + bonus)."""
-        layout, stats, rows = self.layout, session.stats, session.live
+        stats, rows = session.stats, session.live
         config, device = session.config, self.tokens.device
-        gamma = layout.gamma
         num_rows = len(rows)
         committed_from = [len(row.tokens) for row in rows]
-        budgets = [min(gamma, row.max_new_tokens - (len(row.tokens) - row.prompt_length) - 1)
-                   for row in rows]
+        # Each row's tree: its planner's choice (adaptive trees) or the configuration's; the
+        # step's layout is the widest of them, and each row offers -1 where it wants less.
+        plans = [plan_step(row, config, num_rows) for row in rows]
+        remaining = [row.max_new_tokens - (len(row.tokens) - row.prompt_length) - 1
+                     for row in rows]  # tokens a step may emit besides the bonus
+        drafting = session.draft is not None
+        budgets = [min(plan.gamma, left) if drafting else 0
+                   for plan, left in zip(plans, remaining)]
+        roots = [plan.root_phrases if budget > 0 else 0 for plan, budget in zip(plans, budgets)]
+        suffixes = [plan.num_suffixes for plan in plans]
+        self._use_layout(max(plan.gamma for plan in plans) if drafting else 0,
+                         max(plan.root_phrases for plan in plans), max(suffixes))
+        phrase_counts = [plan.draft_phrases for plan in plans] if drafting else [0] * num_rows
+        self._use_pass_tree(max(phrase_counts))
+        self._phrase_mask = None if min(phrase_counts) == self.phrases else \
+            torch.arange(self.phrases)[None] < torch.tensor(phrase_counts)[:, None]
+        if self._phrase_mask is not None:
+            self._phrase_mask = self._phrase_mask.to(device)
+        layout = self.layout
+        gamma = layout.gamma
         before = session.target.cache.lengths.to(torch.int64)  # = committed - 1
         last_token = self.tokens.gather(1, before[:, None])  # [B, 1], the pending token
         if session.draft is not None:
@@ -444,6 +486,13 @@ class DeviceStepper:
                                found[num_rows:, :layout.suffixes]], dim=1)  # [B, R+K, L]
             slots = torch.cat([slots[:num_rows, :layout.roots],
                                slots[num_rows:, :layout.suffixes]], dim=1)
+            if min(roots) < layout.roots or min(suffixes) < layout.suffixes:
+                wanted = torch.tensor(
+                    [[r < row_roots for r in range(layout.roots)] +
+                     [k < row_suffixes for k in range(layout.suffixes)]
+                     for row_roots, row_suffixes in zip(roots, suffixes)]).to(device)
+                found = torch.where(wanted[:, :, None], found, -1)
+                slots = torch.where(wanted, slots, -1)
             parts.append(found.flatten(1))
         if self.window is not None:
             parts.append(self.window.flatten(1))
@@ -501,8 +550,10 @@ class DeviceStepper:
         session.target.cache.commit(1, accepted_idx, accepted_len, lengths,
                                     session.target.backend)
         if session.draft is not None:
+            drafted_now = max(budgets) > 0  # then every row caught up in the first pass
             session.draft.cache.truncate(
-                [start + min(count - 1, accepted) if budget > 0 else old
+                [start + min(count - 1, accepted) if budget > 0 else
+                 (start if drafted_now else old)
                  for start, count, accepted, budget, old in
                  zip(committed_from, draft_lengths, accepted_draft, budgets,
                      self._draft_before)])
@@ -517,8 +568,16 @@ class DeviceStepper:
         self.tokens.scatter_(1, columns, table)
         for b, row in enumerate(rows):
             row.tokens.extend(chunks[b])
-            self._count(row, paths[b], accepted_draft[b], draft_lengths[b],
-                        row_counters[3 * b:3 * b + 3])
+            counters = row_counters[3 * b:3 * b + 3]
+            from_suffixes, from_roots = self._count(row, paths[b], accepted_draft[b],
+                                                    draft_lengths[b], counters)
+            if row.planner is not None:
+                row.planner.observe(plans[b], StepObservation(
+                    drafted=draft_lengths[b], accepted_draft=accepted_draft[b],
+                    suffix_tokens=from_suffixes,
+                    suffixes_in_context=accepted_draft[b] == draft_lengths[b] < remaining[b],
+                    root_tokens=from_roots, draft_passes=counters[0],
+                    phrase_tokens=counters[1]))
         window_fits = self._window_fits(committed_from, rows)
         if session.pool is not None:
             with _Timer(stats, "time_pool"):
@@ -548,7 +607,9 @@ class DeviceStepper:
             self.advance = max(1.0, (1 - weight) * self.advance + weight * observed)
 
     def _count(self, row, path: list[int], accepted_draft: int, drafted: int,
-               counters: list[int]) -> None:
+               counters: list[int]) -> tuple[int, int]:
+        """Tally the row's step in its stats; returns the tokens it accepted from the
+        suffixes and from the root phrases."""
         layout = self.layout
         stats = row.stats
         gamma, length = layout.gamma, layout.length
@@ -566,8 +627,7 @@ class DeviceStepper:
         stats.suffix_tokens += from_roots + from_suffixes
         stats.root_phrase_tokens += from_roots
         stats.window_tokens += sum(1 for n in path if n >= window_start)
-        label = f"g{gamma} K{layout.suffixes} R{layout.roots} P{self.phrases}"
-        stats.shapes[label] = stats.shapes.get(label, 0) + 1
+        return from_suffixes, from_roots
 
     def _update_pool(self, config, drafted, drafted_len, last_token, end_token, choices, found,
                      slots, beyond, accepted_idx, accepted_len, committed_from,

@@ -17,7 +17,9 @@ from engine_models import (  # noqa: F401  (single_thread is a fixture)
 
 import ouroboros_kernels
 from ouroboros import OuroborosConfig, OuroborosDecoder
+from ouroboros.adaptive import SchedulePlanner, StepPlan, adaptive_config, envelope_plans
 from ouroboros.device_step import TreeLayout
+from ouroboros.tuning import CostCurve, Measurements
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -134,6 +136,103 @@ def test_the_layout_with_a_window():
     # suffix 0, 1; window row 0: 2, 3, 4 (a chain); row 1: 5, 6, 7 (each under row 0's cell)
     assert layout.parents.tolist() == [-1, 0, -1, 2, 3, 2, 3, 4]
     assert layout.depths.tolist() == [0, 1, 2, 1, 2, 3, 2, 3, 4]
+
+
+def _rotating_schedules(decoder, plans):
+    """Row r of a call cycles through ``plans`` from plan 3r: rows of one step want
+    different trees (the step's layout is the widest, each row offers -1 past its own)."""
+    made = []
+
+    def factory():
+        made.append(None)
+        start = 3 * (len(made) - 1)
+        return SchedulePlanner(plans[start % len(plans):] + plans[:start % len(plans)])
+
+    def planner():
+        return factory()
+    decoder._planner = planner
+    return made
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("window", [False, True])
+def test_every_plan_of_an_envelope_is_exact_on_the_device(dtype, window):
+    """Steps cycle through every plan of the envelope, a different one per row (γ = 0 steps
+    included: the draft cache falls behind and catches up in a wider first pass), in a
+    batch: each row equals its greedy output, one host read per step."""
+    target = tiny_llama(12, vocab=48, dtype=dtype)
+    draft = perturbed(target, 0.1, seed=5)
+    config = OuroborosConfig(gamma=3, num_suffixes=2, root_phrases=1, draft_phrases=2,
+                             ngram=3, window=window, window_size=2, adaptive=True,
+                             step="device")
+    plans = envelope_plans(config)
+    decoder = OuroborosDecoder(target, draft, config)
+    made = _rotating_schedules(decoder, plans)
+    prompts = [random_prompt(n, 48, seed=n)[0].tolist() for n in (6, 11, 16)]
+    result = decoder.generate(prompts, 60, eos_token_id=[])
+    assert len(made) == 3
+    for row, prompt in enumerate(prompts):
+        expected = greedy_reference(target, torch.tensor([prompt]), 60)[0, len(prompt):]
+        assert result.new_tokens[row] == expected.tolist(), row
+        assert sum(result.rows[row].stats.shapes.values()) == \
+            result.rows[row].stats.target_passes
+    assert len(result.stats.shapes) > 10
+    assert result.stats.host_reads == result.stats.target_passes
+
+
+def test_a_draft_cache_far_behind_catches_up_in_a_wider_pass(monkeypatch):
+    """Several steps without a draft pass (γ = 0 plans, suffixes accepted from a repetitive
+    prompt) leave more pending tokens than the first pass's L + 2 columns: it widens to the
+    next bucket, and the output stays exact."""
+    from ouroboros import device_step
+
+    target, _ = _models(torch.float32, "target")
+    config = OuroborosConfig(gamma=3, num_suffixes=2, draft_phrases=2, ngram=3, adaptive=True,
+                             step="device")
+    skip, draft_step = StepPlan(0, 2), StepPlan(3, 0, 0, 2)
+    decoder = OuroborosDecoder(target, target, config)
+    decoder._planner = lambda: SchedulePlanner([skip] * 4 + [draft_step])
+    widths = []
+    head = device_step.DeviceStepper._head
+
+    def recording(self, runner, first, last):
+        out = head(self, runner, first, last)
+        if first:
+            widths.append(out[0].shape[1])
+        return out
+    monkeypatch.setattr(device_step.DeviceStepper, "_head", recording)
+    prompts = [[5, 6, 7, 8, 9, 10, 11] * 4, [8, 9, 10, 11, 5, 6, 7] * 3]
+    result = decoder.generate(prompts, 50, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        expected = greedy_reference(target, torch.tensor([prompt]), 50)[0, len(prompt):]
+        assert result.new_tokens[row] == expected.tolist(), row
+    assert max(widths) > config.phrase_len + 2
+
+
+def test_the_adaptive_planner_on_the_device():
+    """The tuned default configuration (adaptive trees, here with a window in the draft)
+    runs on the device step: exact, and samples what the host step samples."""
+    target, draft = _models(torch.float32, "perturbed")
+    # Pass costs of a CPU-like target and a cheap draft (seconds at 1, 8 and 64 tokens).
+    measurements = Measurements("test", CostCurve((1, 8, 64), (0.030, 0.040, 0.120)),
+                                CostCurve((1, 8, 64), (0.003, 0.0035, 0.008)), 0.8)
+    config = adaptive_config(measurements, OuroborosConfig(ngram=3, window=True,
+                                                           window_size=2)).replace(step="device")
+    prompts = [random_prompt(n, 48, seed=2 * n)[0].tolist() for n in (5, 14)]
+    outputs = []
+    for step in ("device", "host"):
+        decoder = OuroborosDecoder(target, draft, config.replace(step=step))
+        decoder.measurements = measurements
+        result = decoder.generate(prompts, 40, eos_token_id=EOS)
+        for row, prompt in enumerate(prompts):
+            expected = greedy_reference(target, torch.tensor([prompt]), 40,
+                                        eos_token_id=EOS)[0, len(prompt):]
+            assert result.new_tokens[row] == expected.tolist(), (step, row)
+        if step == "device":
+            assert result.stats.host_reads == result.stats.target_passes
+        sampled = decoder.generate(prompts, 30, do_sample=True, temperature=1.2, seed=5)
+        outputs.append(sampled.new_tokens)
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("config, kwargs, message", [
