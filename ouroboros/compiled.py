@@ -34,9 +34,10 @@ most tests use). The compiled passes always use the reference attention (SDPA wi
 mask); the Triton tree-attention kernel is not called inside a captured graph.
 
 Each new pass shape is compiled on its first call and announced on stderr with the seconds
-it took (`compile_times` keeps them). Compiled code is kept by torch's cache, per model and
-shape, for the life of the process: later calls and other decoders on the same models reuse
-it. Output is token-for-token that of the eager step (``tests/test_compile.py``).
+it took (`compile_times` keeps them). Compiled code is kept by torch's cache for the life of
+the process, per architecture and shape (the weights are inputs of the graphs): later calls,
+other decoders and other models of the same shapes reuse it. Output is token-for-token
+that of the eager step (``tests/test_compile.py``).
 """
 
 from __future__ import annotations
@@ -166,7 +167,6 @@ def _pass(model: torch.nn.Module, view: StaticCacheView, cache_kwarg: str,
 
 
 _FUNCTIONS: dict[str, Callable] = {}
-_SEEN: dict[tuple, float] = {}  # pass signature -> seconds its first call (the compile) took
 _TIMES: list[tuple[str, tuple[int, ...], float]] = []
 
 
@@ -233,10 +233,7 @@ class CompiledPasses:
         cache = runner.cache
         cache.tree_step(input_ids.shape[1], tree_mask, causal, runner.backend)  # room check
         view = self._view(cache)
-        signature = (self.mode, id(runner.model), tuple(input_ids.shape), causal, keep,
-                     view.max_length, cache.buffer.dtype, str(cache.buffer.device),
-                     None if tree_mask is None else tuple(tree_mask.shape))
-        first = signature not in _SEEN
+        graphs = graph_count()
         start = time.perf_counter()
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -244,9 +241,8 @@ class CompiledPasses:
                                tree_mask, causal, keep)
         if self.graphs:  # the graph's output memory is reused by its next replay
             logits = logits.clone()
-        if first:
+        if graph_count() != graphs:  # this call compiled its shape
             seconds = time.perf_counter() - start
-            _SEEN[signature] = seconds
             shape = tuple(input_ids.shape)
             _TIMES.append((f"{self.name} {self.mode}", shape, seconds))
             kind = "causal" if causal else "tree"
