@@ -221,7 +221,7 @@ class DeviceStepper:
         """Draft passes of this step: ``budget`` (the most draft tokens a row may use) token
         by token; phrase by phrase, enough for ``budget`` tokens at the measured advance."""
         if not self.phrases and self.draft_window is None:
-            return budget
+            return max(budget, 1)
         return max(1, min(budget, math.ceil(budget / self.advance - 1e-9)))
 
     # ------------------------------------------------------------------ the draft
@@ -287,6 +287,9 @@ class DeviceStepper:
         width = self.pending_width
         while width < max(counts):  # rows that skipped the draft for a while: a wider bucket
             width *= 2
+        # ... but no wider than the cache has room for (then exactly the widest row's).
+        room = runner.cache.max_length - max(runner.cache.host_lengths) - len(self.pass_parents)
+        width = max(min(width, room), max(counts))
         count = torch.tensor(counts, dtype=torch.int64, device=device)
         columns = torch.arange(width, device=device)
         fed = columns[None, :] < count[:, None]
@@ -462,7 +465,13 @@ class DeviceStepper:
         last_token = self.tokens.gather(1, before[:, None])  # [B, 1], the pending token
         if session.draft is not None:
             self._draft_before = list(session.draft.cache.host_lengths)  # exact here
-        if session.draft is not None and max(budgets) > 0:
+        # Rows that skip the draft leave pending tokens behind; when no row drafts and some
+        # are more than the first pass's columns, one pass only catches every row up (so
+        # the first pass's width stays bounded).
+        pending = [len(row.tokens) - cached for row, cached in
+                   zip(rows, session.draft.cache.host_lengths)] if drafting else [0]
+        caught_up = drafting and (max(budgets) > 0 or max(pending) > self.pending_width)
+        if caught_up:
             with _Timer(stats, "time_draft"):
                 drafted, drafted_len, counters, _ = self._draft_tokens(budgets)
         else:
@@ -550,10 +559,9 @@ class DeviceStepper:
         session.target.cache.commit(1, accepted_idx, accepted_len, lengths,
                                     session.target.backend)
         if session.draft is not None:
-            drafted_now = max(budgets) > 0  # then every row caught up in the first pass
-            session.draft.cache.truncate(
+            session.draft.cache.truncate(  # after a first pass every row is caught up
                 [start + min(count - 1, accepted) if budget > 0 else
-                 (start if drafted_now else old)
+                 (start if caught_up else old)
                  for start, count, accepted, budget, old in
                  zip(committed_from, draft_lengths, accepted_draft, budgets,
                      self._draft_before)])
