@@ -4,7 +4,7 @@ The host step (`ouroboros.generate.decode_step`) builds each tree on the host fr
 lookups read back with ``.tolist()`` and reads every acceptance; a GPU then idles at every
 read. This step keeps the step on the device (docs/architecture.md §9):
 
-* **One fixed target tree per configuration** (`TreeLayout`). Column 0 is the pending
+* **One target tree per shape** (`TreeLayout`, built once per γ, R, K). Column 0 is the pending
   token (the last committed one); then γ draft slots as a chain; then R root phrases of L
   tokens hanging from the pending token; then K suffixes of L tokens hanging from the
   row's last draft token; then the target's Jacobi window (lookahead decoding's branch,
@@ -15,8 +15,9 @@ read. This step keeps the step on the device (docs/architecture.md §9):
 * **The draft on the device.** Token by token (``draft_phrases == 0``): γ passes of one
   token (the first also catches up on the row's pending tokens, padded to L + 2 columns).
   Phrase by phrase (``draft_phrases == P``): each pass feeds the row's last token and the P
-  pool phrases keyed by it (one batched lookup), keeps the longest phrase prefix the draft
-  agrees with and the draft's next token, so a row advances by 1 to L + 1 tokens per pass,
+  pool phrases keyed by it (one batched lookup) [and the draft's Jacobi window], keeps the
+  longest path the draft agrees with and the draft's next token, so a row advances by one
+  or more tokens per pass,
   all decided on the device (`StaticKVCache.commit_on_device`). Without a read the step
   cannot stop when every row has its γ tokens, so it runs a number of passes chosen on the
   host from the advance measured in earlier steps (`DeviceStepper.passes`): rows that
@@ -30,13 +31,14 @@ read. This step keeps the step on the device (docs/architecture.md §9):
   tokens, the accepted nodes and tokens of every row, and each row's draft length and
   draft counters, for stopping, streaming, the caches' host lengths and the stats.
 
-Supported: every preset (greedy, speculative, lookahead, ouroboros) and any fixed tree of
-them: a draft model drafting token by token or phrase by phrase, or no draft; K suffixes,
-R root phrases; a Jacobi window in the target (without a draft model); greedy decoding or
-sampling (the same uniform per output position as the host step: a seed gives the same
-text with both steps). Not supported (`unsupported` says so): a window in the draft model,
-adaptive trees, generation-config rules. Exactness is the same argument as for the host
-step: a token is emitted only when the target chose it in exactly that context.
+Supported: every preset (greedy, speculative, lookahead, ouroboros), the Jacobi window in
+the target (without a draft model) or in the draft's passes, adaptive trees (each row's
+planner picks its plan on the host from what earlier reads told it; the step's layout is
+the widest plan of the batch, built once per shape, and each row offers -1 where it wants
+less), greedy decoding or sampling (the same uniform per output position as the host step:
+a seed gives the same text with both steps). Not supported (`unsupported` says so):
+generation-config rules. Exactness is the same argument as for the host step: a token is
+emitted only when the target chose it in exactly that context.
 """
 
 from __future__ import annotations
