@@ -5,18 +5,21 @@ the compile time reported apart.
 For every configuration of ``--configs`` (device-step configurations, `CONFIGS`) two
 decoders are made on the same models (default: SmolLM2-135M-Instruct and the shipped
 draft): the eager device step and the compiled one (``--mode``, default ``True``: CUDA
-graphs on CUDA, inductor on the CPU). Both first decode the longest prompt untimed: for the
-compiled decoder this call compiles every pass shape of the run (each shape compiles on its
-first use and says so on stderr); its compile seconds (`ouroboros.compiled.compile_times`)
+graphs on CUDA, inductor on the CPU). Both first decode the batch with the longest prompts
+untimed: for the compiled decoder this call compiles the pass shapes of the run (each shape
+compiles on its first use and says so on stderr; a batch also compiles the smaller batch
+sizes it shrinks to as rows end); its compile seconds (`ouroboros.compiled.compile_times`)
 and its wall time are reported. Then both decode every prompt (default: held-out HumanEval
-problems 82-163, evenly spaced; never the tuning prompts 0-81), greedy, ``--max-new-tokens``
-at most, their order alternating per prompt; tokens/s = new tokens / summed wall time of the
-calls (prefill included, eager in both). Each decoder keeps its pool across the prompts
-(the same prompts in the same order: the same pools, the same trees).
+problems 82-163, evenly spaced; never the tuning prompts 0-81) in consecutive batches of
+``--batch-size`` (default 1), greedy, ``--max-new-tokens`` at most, their order alternating
+per batch; tokens/s = new tokens / summed wall time of the calls (prefill included, eager
+in both). Each decoder keeps its pool across the prompts (the same prompts in the same
+order: the same pools, the same trees).
 
 Exactness: the compiled decoder's tokens must equal the eager decoder's on every prompt;
 any difference is an error (exit status 1 after the results are written). Graphs compiled
-during the timed calls (recompiles) are counted and reported: there should be none.
+during the timed calls (recompiles, or a batch size first reached there) are counted and
+reported.
 
 Outputs (``--out``, default ``benchmarks/results``): ``compile_<device>[_<tag>].md`` (table,
 machine, versions, date, threads) and ``.json``.
@@ -88,16 +91,18 @@ class Result:
         return self.compiled_tokens / self.compiled_seconds if self.compiled_seconds else 0.0
 
 
-def _timed(decoder, prompt: list[int], max_new_tokens: int, device) -> tuple[list[int], float]:
+def _timed(decoder, prompts: list[list[int]], max_new_tokens: int, device,
+           ) -> tuple[list[list[int]], float]:
+    """Every row's new tokens and the wall time of one call (a batch of ``len(prompts)``)."""
     e2e._synchronize(device)
     start = time.perf_counter()
-    result = decoder.generate(prompt, max_new_tokens)
+    result = decoder.generate(prompts, max_new_tokens)
     e2e._synchronize(device)
-    return result.new_tokens.tolist(), time.perf_counter() - start
+    return result.new_tokens, time.perf_counter() - start
 
 
 def run_config(name: str, target, draft, prompts: list[tuple[str, list[int]]],
-               max_new_tokens: int, mode, device) -> Result:
+               max_new_tokens: int, mode, device, batch_size: int = 1) -> Result:
     from ouroboros import compiled
     from ouroboros.decoder import OuroborosDecoder
 
@@ -106,7 +111,9 @@ def run_config(name: str, target, draft, prompts: list[tuple[str, list[int]]],
     eager = OuroborosDecoder(target, use, config)
     fast = OuroborosDecoder(target, use, config.replace(compile=mode))
     result = Result(name, e2e.describe(config))
-    longest = max(prompts, key=lambda item: len(item[1]))[1]
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    longest = max(batches, key=lambda batch: max(len(ids) for _, ids in batch))
+    longest = [ids for _, ids in longest]
     _timed(eager, longest, max_new_tokens, device)
     times_before = len(compiled.compile_times())
     _, result.first_call_seconds = _timed(fast, longest, max_new_tokens, device)
@@ -114,18 +121,22 @@ def run_config(name: str, target, draft, prompts: list[tuple[str, list[int]]],
     result.shapes = [(label, list(shape), round(seconds, 2)) for label, shape, seconds in new]
     result.compile_seconds = sum(seconds for _, _, seconds in new)
     graphs = compiled.graph_count()
-    for index, (label, prompt) in enumerate(prompts):
+    for index, batch in enumerate(batches):
         order = (("eager", eager), ("compiled", fast))
         outputs = {}
         for kind, decoder in order if index % 2 == 0 else order[::-1]:
-            tokens, seconds = _timed(decoder, prompt, max_new_tokens, device)
-            outputs[kind] = tokens
-            setattr(result, f"{kind}_tokens", getattr(result, f"{kind}_tokens") + len(tokens))
+            rows, seconds = _timed(decoder, [ids for _, ids in batch], max_new_tokens, device)
+            outputs[kind] = rows
+            count = sum(len(row) for row in rows)
+            setattr(result, f"{kind}_tokens", getattr(result, f"{kind}_tokens") + count)
             setattr(result, f"{kind}_seconds", getattr(result, f"{kind}_seconds") + seconds)
-        if outputs["eager"] != outputs["compiled"]:
-            result.mismatches.append(label)
-        print(f"bench_compile: {name} {label}: eager {len(outputs['eager'])} tokens, compiled "
-              f"{len(outputs['compiled'])} tokens", file=sys.stderr, flush=True)
+        for (label, _), eager_row, compiled_row in zip(batch, outputs["eager"],
+                                                       outputs["compiled"]):
+            if eager_row != compiled_row:
+                result.mismatches.append(label)
+        print(f"bench_compile: {name} {', '.join(label for label, _ in batch)}: eager "
+              f"{sum(map(len, outputs['eager']))} tokens, compiled "
+              f"{sum(map(len, outputs['compiled']))} tokens", file=sys.stderr, flush=True)
     result.recompiles = compiled.graph_count() - graphs
     return result
 
@@ -160,6 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--random-prompts", action="store_true",
                         help="random token prompts instead (tests on tiny models)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts per call, consecutive groups (default 1)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated device-step configurations (default: "
                              f"{','.join(DEFAULT_CONFIGS)}; all: {','.join(CONFIGS)})")
@@ -184,8 +197,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         OuroborosConfig(step="device", compile=args.mode)
     except ValueError as err:
         parser.error(f"--mode: {err}")
-    if args.max_new_tokens < 1 or args.prompts < 1 or args.threads < 1:
-        parser.error("--max-new-tokens, --prompts and --threads must be >= 1")
+    if min(args.max_new_tokens, args.prompts, args.threads, args.batch_size) < 1:
+        parser.error("--max-new-tokens, --prompts, --threads and --batch-size must be >= 1")
     args.no_prepack, args.methods = True, []  # e2e.load_models: the models as loaded
     return args
 
@@ -211,12 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     for name in args.configs:
         results.append(run_config(name, target, draft, prompts, args.max_new_tokens,
-                                  args.mode, device))
+                                  args.mode, device, args.batch_size))
     header = e2e.machine_lines(device, args.threads) + [
         f"models: {args.target or 'SmolLM2-135M-Instruct'} / {args.draft or 'shipped draft'}"
         f" ({next(target.parameters()).dtype}, linear weights not prepacked)",
         f"prompts: {len(prompts)} ({'random' if args.random_prompts else 'held-out HumanEval'}"
-        f"), greedy, at most {args.max_new_tokens} new tokens, batch 1",
+        f"), greedy, at most {args.max_new_tokens} new tokens, batches of {args.batch_size}",
         "tok/s: new tokens / wall time of the calls (eager prefill included), after one "
         "untimed call on the longest prompt; compile s: the first calls of every pass shape "
         "(in the untimed call), apart",

@@ -56,8 +56,22 @@ def test_smoke_run(bench, pair_dirs, tmp_path, capsys):
         assert result["compiled_rate"] > 0
 
 
+def test_batches(bench, pair_dirs, tmp_path):
+    target, draft = pair_dirs
+    args = ["--target", str(target), "--draft", str(draft), "--device", "cpu",
+            "--random-prompts", "--prompts", "4", "--batch-size", "2", "--max-new-tokens", "8",
+            "--mode", "aot_eager", "--configs", "roots", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    data = json.loads((tmp_path / "compile_cpu.json").read_text())
+    (result,) = data["results"]
+    assert result["mismatches"] == [] and result["compiled_tokens"] == 32
+    assert "batches of 2" in (tmp_path / "compile_cpu.md").read_text()
+
+
 def test_bad_arguments(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--configs", "jacobi"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--mode", "fastest"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch-size", "0"])
