@@ -37,7 +37,9 @@ Each new pass shape is compiled on its first call and announced on stderr with t
 it took (`compile_times` keeps them). Compiled code is kept by torch's cache for the life of
 the process, per architecture and shape (the weights are inputs of the graphs): later calls,
 other decoders and other models of the same shapes reuse it. Output is token-for-token
-that of the eager step (``tests/test_compile.py``).
+that of the eager step (``tests/test_compile.py``). ``TORCH_LOGS=recompiles`` shows why
+each graph after the first was made: a new pass shape (``keep``, the batch size ``live``,
+the cache rows), never a step; ``fullgraph=True`` makes a graph break an error.
 """
 
 from __future__ import annotations
@@ -171,8 +173,8 @@ _TIMES: list[tuple[str, tuple[int, ...], float]] = []
 
 
 def _function(mode: str) -> Callable:
-    """The compiled `_pass` of one mode (one per process: torch caches its graphs per model
-    and shape behind it)."""
+    """The compiled `_pass` of one mode (one per process: torch caches its graphs per
+    architecture and pass shape behind it)."""
     function = _FUNCTIONS.get(mode)
     if function is None:
         import torch._dynamo
