@@ -231,8 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"prompts: {len(prompts)} ({'random' if args.random_prompts else 'held-out HumanEval'}"
         f"), greedy, at most {args.max_new_tokens} new tokens, batches of {args.batch_size}",
         "tok/s: new tokens / wall time of the calls (eager prefill included), after one "
-        "untimed call on the longest prompt; compile s: the first calls of every pass shape "
-        "(in the untimed call), apart",
+        "untimed call on the batch with the longest prompt; compile s: the first calls of "
+        "every pass shape (in the untimed call), apart",
     ]
     text = markdown(results, header, mode)
     out = Path(args.out)
