@@ -79,8 +79,8 @@ class OuroborosConfig:
             the largest tree. Default 8.
         step: ``"host"`` (default): the step that builds each tree on the host, any
             configuration; ``"device"``: the static-shape step with one host read per step
-            (`ouroboros.device_step`: token-by-token drafting, suffixes and root phrases, no
-            window, greedy, fixed trees).
+            (`ouroboros.device_step`: every preset, adaptive trees and windows; not the
+            generation-config rules).
         compile: run the device step's draft and target passes through ``torch.compile``
             with static shapes (`ouroboros.compiled`; only with ``step="device"``): ``False``
             (default, eager), ``True`` (CUDA graphs on CUDA, inductor elsewhere),
