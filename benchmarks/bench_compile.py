@@ -62,6 +62,8 @@ CONFIGS = {
                                      root_phrases=2, step="device"),
     "suffixes-only": lambda: OuroborosConfig.preset("lookahead", window=False,
                                                     num_suffixes=4, step="device"),
+    "ouroboros": lambda: OuroborosConfig.preset("ouroboros", step="device"),
+    "lookahead": lambda: OuroborosConfig.preset("lookahead", step="device"),
 }
 DEFAULT_CONFIGS = ("speculative", "suffixes")
 
