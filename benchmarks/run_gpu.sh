@@ -139,6 +139,11 @@ if wants bench; then
       extra=(--batch-sizes 1,2,4,8,16,32 --prompts 32 --max-new-tokens 16 --static off
              --budget-s 75)
     fi
+    if [ "$name" = bench_compile ]; then
+      # CUDA graphs vs the eager device step; every pass shape compiles once (tens of s).
+      limit=180 quick=()
+      extra=(--configs speculative,ouroboros --prompts 2 --max-new-tokens 32)
+    fi
     step "$name" "$limit" "$PY" "$bench" --out "$OUT" "${quick[@]}" "${extra[@]}"
   done
 fi
