@@ -752,8 +752,7 @@ class OuroborosDecoder:
         if config.step == "device":
             from ouroboros.device_step import DeviceStepper, unsupported
 
-            why = unsupported(config, sampling, any(row.rules for row in session_rows),
-                              any(row.planner for row in session_rows))
+            why = unsupported(any(row.rules for row in session_rows))
             if why is not None:
                 raise ValueError(f"config.step='device' cannot run this call: {why}; use "
                                  f"step='host'")

@@ -56,8 +56,9 @@ from ouroboros.sampling import choose_tokens
 __all__ = ["DeviceStepper", "TreeLayout", "unsupported"]
 
 
-def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
-    """Why the device step cannot run this call (None: it can)."""
+def unsupported(rules: bool) -> str | None:
+    """Why the device step cannot run a call (None: it can); ``rules``: whether a row applies
+    generation-config rules."""
     if rules:
         return ("it applies no generation-config rules (repetition penalty, suppressed "
                 "tokens, ...)")
@@ -67,6 +68,15 @@ def unsupported(config, sampling, rules: bool, planner: bool) -> str | None:
 def _chain_parents(start: int, count: int, parent: int) -> list[int]:
     """Parents of ``count`` nodes forming a chain under ``parent``, numbered from ``start``."""
     return [parent if j == 0 else start + j - 1 for j in range(count)]
+
+
+def _window_parents(start: int, size: int, rows: int) -> list[int]:
+    """Parents of a Jacobi window of ``rows`` x ``size`` cells numbered row by row from
+    ``start``: row 0 a chain under the pending end (-1), cell ``[j][c]`` under ``[j-1][c]``."""
+    parents = _chain_parents(start, size, -1)
+    for j in range(1, rows):
+        parents += [start + (j - 1) * size + c for c in range(size)]
+    return parents
 
 
 @dataclass
@@ -113,10 +123,7 @@ class TreeLayout:
         for _ in range(suffixes):
             parents += _chain_parents(len(parents), length, gamma - 1)
         if window_size:
-            start = len(parents)
-            parents += _chain_parents(start, window_size, -1)
-            for j in range(1, length):
-                parents += [start + (j - 1) * window_size + c for c in range(window_size)]
+            parents += _window_parents(len(parents), window_size, length)
         columns = [-1] + [p + 1 for p in parents]  # the pending token is column 0
         mask, depths = ouroboros_kernels.build_tree(torch.tensor(columns, dtype=torch.int32,
                                                                  device=device),
@@ -205,7 +212,6 @@ class DeviceStepper:
         self._use_pass_tree(config.draft_phrases if drafting else 0)
         self._phrase_mask: torch.Tensor | None = None  # [B, P]: phrases each row tries
         self.advance = 1.0  # draft tokens per pass, as measured so far (phrase drafting)
-        self._draft_before: list[int] = []  # the draft cache's lengths when the step began
 
     def keep(self, rows: list[int]) -> None:
         """The live rows ``rows`` remain (as `StaticKVCache.keep_rows`)."""
@@ -258,10 +264,7 @@ class DeviceStepper:
         window_start = len(parents)
         size = config.window_size if config.window and self.session.draft is not None else 0
         if size:
-            start = len(parents)
-            parents += _chain_parents(start, size, -1)
-            for j in range(1, length):
-                parents += [start + (j - 1) * size + c for c in range(size)]
+            parents += _window_parents(window_start, size, length)
         tensor = torch.tensor(parents, dtype=torch.int64, device=device)
         if parents:
             mask, depths = ouroboros_kernels.build_tree(tensor.to(torch.int32), validate=False)
@@ -273,19 +276,17 @@ class DeviceStepper:
         return (phrases, tensor, visible, depths, window_start, size,
                 size + length - 1 if size else 0)
 
-    def _head(self, runner, first: bool, last: torch.Tensor | None) -> tuple:
-        """What a draft pass feeds before its tree: the first pass, each row's pending tokens
-        (committed, not yet in the draft cache: 1 to L + 2) padded to L + 2 columns; a later
-        one, the row's last draft token ``last [B]``. Returns ``(input_ids [B, H], positions
-        [B, H], visible [B, H, H], fed [B, H], count [B], host counts or None)``."""
+    def _head(self, runner, counts: list[int] | None, last: torch.Tensor | None) -> tuple:
+        """What a draft pass feeds before its tree: the first pass, each row's ``counts[b]``
+        pending tokens (committed, not yet in the draft cache) padded to L + 2 columns or a
+        wider bucket; a later one (``counts`` None), the row's last draft token ``last
+        [B]``. Returns ``(input_ids [B, H], positions [B, H], visible [B, H, H], fed [B, H],
+        count [B])``."""
         device = self.tokens.device
         starts = runner.cache.lengths.to(torch.int64)
-        if not first:
+        if counts is None:
             ones = torch.ones(last.shape[0], 1, dtype=torch.bool, device=device)
-            return last[:, None], starts[:, None], ones[:, :, None], ones, ones[:, 0].long(), \
-                None
-        rows = self.session.live
-        counts = [len(row.tokens) - cached for row, cached in zip(rows, runner.cache.host_lengths)]
+            return last[:, None], starts[:, None], ones[:, :, None], ones, ones[:, 0].long()
         width = self.pending_width
         while width < max(counts):  # rows that skipped the draft for a while: a wider bucket
             width *= 2
@@ -301,14 +302,14 @@ class DeviceStepper:
         # Each fed token sees the fed ones before it; a padding column only itself.
         visible = (columns[None, None, :] <= columns[None, :, None]) & fed[:, :, None] | \
             torch.eye(width, dtype=torch.bool, device=device)[None]
-        return input_ids, positions, visible, fed, count, counts
+        return input_ids, positions, visible, fed, count
 
     def _with_tree(self, head: tuple, end_token: torch.Tensor) -> tuple:
         """A draft pass's whole input: the ``head`` (`_head`) and, hanging from its last fed
         token ``end_token [B]``, the pool phrases keyed by it and the draft's window. Returns
         ``(input_ids [B, T], positions [B, T], tree_mask [B, T, W], nodes [B, N] (-1: none,
         or past the row's last position), window_fits [B])``."""
-        input_ids, positions, visible, fed, count, _ = head
+        input_ids, positions, visible, fed, count = head
         device = self.tokens.device
         batch, width = input_ids.shape
         parts = []
@@ -355,12 +356,12 @@ class DeviceStepper:
         following = torch.cat([self.draft_window[:, 1:], outputs[:, None]], dim=1)
         self.draft_window = torch.where(moves[:, None, None], following, self.draft_window)
 
-    def _draft_tokens(self, budgets: list[int]) -> tuple[torch.Tensor, torch.Tensor,
-                                                          torch.Tensor, int]:
+    def _draft_tokens(self, budgets: list[int], pending: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's draft: ``(draft int64[B, γ] (-1 past the row's draft), drafted int64[B],
         counters int64[B, 3] (passes the row took part in, tree tokens it accepted, window
-        n-grams it made), passes)``; ``budgets[b]`` (host) is the most draft tokens row b may
-        use."""
+        n-grams it made))``; ``budgets[b]`` (host) is the most draft tokens row b may use,
+        ``pending[b]`` its committed tokens not yet in the draft cache."""
         session, layout = self.session, self.layout
         runner, device = session.draft, self.tokens.device
         gamma = layout.gamma
@@ -382,8 +383,8 @@ class DeviceStepper:
             active = drafted < budget  # [B]
             last = None if step == 0 else \
                 draft.gather(1, (drafted - 1).clamp(min=0)[:, None])[:, 0].clamp(min=0)
-            head = self._head(runner, step == 0, last)
-            input_ids, positions, visible, fed, count, host_counts = head
+            head = self._head(runner, pending if step == 0 else None, last)
+            input_ids, positions, visible, fed, count = head
             width = input_ids.shape[1]
             if tree:
                 end_token = input_ids.gather(1, (count - 1)[:, None])[:, 0]
@@ -427,13 +428,13 @@ class DeviceStepper:
                 runner.cache.commit_on_device(torch.where(fed_rows, count, 0), shifted, keep,
                                               bounds, runner.backend)
             else:  # one token per pass: the host knows every row's count
-                runner.cache.commit([host_counts[b] if step == 0 else int(row_budget > step)
+                runner.cache.commit([pending[b] if step == 0 else int(row_budget > step)
                                      for b, row_budget in enumerate(budgets)])
             counters[:, 0] += active.to(torch.int64)
             counters[:, 1] += keep
             drafted = drafted + take
         session.stats.draft_passes += passes
-        return draft[:, :gamma], drafted, counters, passes
+        return draft[:, :gamma], drafted, counters
 
     # ------------------------------------------------------------------ the step
 
@@ -465,17 +466,15 @@ class DeviceStepper:
         gamma = layout.gamma
         before = session.target.cache.lengths.to(torch.int64)  # = committed - 1
         last_token = self.tokens.gather(1, before[:, None])  # [B, 1], the pending token
-        if session.draft is not None:
-            self._draft_before = list(session.draft.cache.host_lengths)  # exact here
         # Rows that skip the draft leave pending tokens behind; when no row drafts and some
         # are more than the first pass's columns, one pass only catches every row up (so
         # the first pass's width stays bounded).
-        pending = [len(row.tokens) - cached for row, cached in
-                   zip(rows, session.draft.cache.host_lengths)] if drafting else [0]
+        draft_before = list(session.draft.cache.host_lengths) if drafting else []  # exact
+        pending = [len(row.tokens) - cached for row, cached in zip(rows, draft_before)]
         caught_up = drafting and (max(budgets) > 0 or max(pending) > self.pending_width)
         if caught_up:
             with _Timer(stats, "time_draft"):
-                drafted, drafted_len, counters, _ = self._draft_tokens(budgets)
+                drafted, drafted_len, counters = self._draft_tokens(budgets, pending)
         else:
             drafted = torch.full((num_rows, gamma), -1, dtype=torch.int64, device=device)
             drafted_len = torch.zeros(num_rows, dtype=torch.int64, device=device)
@@ -565,8 +564,7 @@ class DeviceStepper:
                 [start + min(count - 1, accepted) if budget > 0 else
                  (start if caught_up else old)
                  for start, count, accepted, budget, old in
-                 zip(committed_from, draft_lengths, accepted_draft, budgets,
-                     self._draft_before)])
+                 zip(committed_from, draft_lengths, accepted_draft, budgets, draft_before)])
             self._measure_advance(draft_lengths, row_counters[0::3], budgets)
         # The device copy of the tokens: the chunks written behind each row's text.
         widest = max(len(chunk) for chunk in chunks)
