@@ -441,9 +441,7 @@ class StaticKVCache(Cache):
                              f"sequences")
         self._step = None
         self.lengths += num_pending.to(self.lengths.dtype)
-        if self.multi_device:
-            self._sync_lengths()
-        self._compact(accepted_idx, accepted_len, backend)
+        self._compact(accepted_idx, accepted_len, backend)  # mirrors the lengths first
         self.host_lengths = [min(int(bound), self.max_length) for bound in bounds]
         self.host_exact = False
 
