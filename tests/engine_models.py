@@ -95,6 +95,16 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+def save_pair(root: Path, tokenizer, target) -> tuple[Path, Path]:
+    """Save ``target`` and a perturbed copy of it (the draft, noise 0.3, seed 1), each with
+    ``tokenizer``, as Hugging Face folders ``root/target`` and ``root/draft``; returns both
+    paths (what the CLI, the demo and the benchmarks load)."""
+    for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
+        tokenizer.save_pretrained(root / name)
+        model.save_pretrained(root / name)
+    return root / "target", root / "draft"
+
+
 @contextlib.contextmanager
 def benchmark_module(name: str):
     """``benchmarks/<name>.py`` imported as module ``name`` (registered in ``sys.modules``

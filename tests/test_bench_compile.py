@@ -9,7 +9,7 @@ import json
 import pytest
 from engine_models import (  # noqa: F401  (single_thread is a fixture)
     benchmark_module,
-    perturbed,
+    save_pair,
     single_thread,
     tiny_llama,
     word_tokenizer,
@@ -30,10 +30,7 @@ def pair_dirs(tmp_path_factory):
     tokenizer = word_tokenizer(48)
     # One layer: shapes of their own, which no other test compiled in this process.
     target = tiny_llama(0, layers=1, max_positions=512)
-    for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
-        tokenizer.save_pretrained(root / name)
-        model.save_pretrained(root / name)
-    return root / "target", root / "draft"
+    return save_pair(root, tokenizer, target)
 
 
 def test_smoke_run(bench, pair_dirs, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch
 from engine_models import (  # noqa: F401  (single_thread is a fixture)
     benchmark_module,
     perturbed,
+    save_pair,
     single_thread,
     tiny_llama,
     word_tokenizer,
@@ -30,10 +31,7 @@ def pair_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     tokenizer = word_tokenizer(48, "{% for m in messages %}{{ m['content'] }}{% endfor %} w3")
     target = tiny_llama(0, max_positions=2048)
-    for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
-        tokenizer.save_pretrained(root / name)
-        model.save_pretrained(root / name)
-    return root / "target", root / "draft"
+    return save_pair(root, tokenizer, target)
 
 
 @pytest.fixture(autouse=True)

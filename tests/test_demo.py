@@ -4,7 +4,7 @@ exercised by the set-up command, which runs the demo)."""
 from __future__ import annotations
 
 import pytest
-from engine_models import perturbed, single_thread, tiny_llama, word_tokenizer  # noqa: F401
+from engine_models import save_pair, single_thread, tiny_llama, word_tokenizer  # noqa: F401
 
 from ouroboros.cli import build_parser, main
 from ouroboros.demo import DEMO_PROMPTS, DemoRow, encode_prompt, format_table
@@ -22,10 +22,7 @@ def pair_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     tokenizer = word_tokenizer(48, CHAT_TEMPLATE)
     target = tiny_llama(0)
-    for name, model in (("target", target), ("draft", perturbed(target, 0.3, seed=1))):
-        tokenizer.save_pretrained(root / name)
-        model.save_pretrained(root / name)
-    return root / "target", root / "draft", tokenizer
+    return (*save_pair(root, tokenizer, target), tokenizer)
 
 
 @pytest.fixture(autouse=True)
