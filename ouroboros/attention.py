@@ -322,16 +322,37 @@ def enable_ouroboros_attention(model: torch.nn.Module, *, force: bool = False) -
     results; engine steps run the tree attention. Raises ValueError for an unverified
     architecture unless ``force``.
     """
+    return _switch(model, force)[0]
+
+
+def _switch(model: torch.nn.Module, force: bool) -> tuple[str, list]:
+    """Switch ``model`` and every config its modules read to the ``"ouroboros"`` attention.
+
+    Returns the model's previous implementation and ``[(config, previous)]`` for the
+    configs outside the model's own that had to be switched as well: a layer shared with
+    another model (`ouroboros.models.truncated_draft` shares its parent's) reads that
+    model's config, which ``set_attn_implementation`` does not reach, and would otherwise
+    run SDPA on an engine step and give wrong tokens."""
     check_architecture(model, force=force)
     register()
     previous = model.config._attn_implementation
     if previous != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
-    return previous
+    shared, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if id(config) in seen or not hasattr(config, "_attn_implementation"):
+            continue
+        seen.add(id(config))
+        if config._attn_implementation != ATTENTION_NAME:
+            shared.append((config, config._attn_implementation))
+            config._attn_implementation = ATTENTION_NAME
+    return previous, shared
 
 
 _SWITCH_LOCK = threading.Lock()
-_SWITCHED: dict[int, list] = {}  # id(model) -> [users, previous implementation]
+# id(model) -> [users, previous implementation, [(shared config, its previous)]]
+_SWITCHED: dict[int, list] = {}
 
 
 @contextlib.contextmanager
@@ -344,7 +365,7 @@ def ouroboros_attention(model: torch.nn.Module, *, force: bool = False):
     with _SWITCH_LOCK:
         entry = _SWITCHED.get(key)
         if entry is None:
-            entry = _SWITCHED[key] = [0, enable_ouroboros_attention(model, force=force)]
+            entry = _SWITCHED[key] = [0, *_switch(model, force)]
         entry[0] += 1
     try:
         yield
@@ -353,6 +374,8 @@ def ouroboros_attention(model: torch.nn.Module, *, force: bool = False):
             entry[0] -= 1
             if entry[0] == 0:
                 del _SWITCHED[key]
+                for config, previous in reversed(entry[2]):
+                    config._attn_implementation = previous
                 if entry[1] != ATTENTION_NAME:
                     model.set_attn_implementation(entry[1])
 

@@ -455,7 +455,8 @@ def truncated_draft(target: nn.Module, num_layers: int) -> nn.Module:
     """A draft that shares the target's weights: its first ``num_layers`` decoder layers,
     final norm and head (layer-skip self-drafting). Cheap to make and always has the
     target's tokenizer, but on SmolLM2 it agrees with the target on ~1-5% of tokens: a
-    weak draft for tests and baselines, not a fast one."""
+    weak draft for tests and baselines, not a fast one. Its layers read the target's config;
+    the engine switches that one too when it decodes with it (as a draft or a target)."""
     if not 1 <= num_layers <= target.config.num_hidden_layers:
         raise ValueError(f"num_layers must be in [1, {target.config.num_hidden_layers}], got "
                          f"{num_layers}")

@@ -135,3 +135,32 @@ def test_tree_logits_equal_linear_logits(dtype, tolerance):
         linear_root = model(torch.tensor([prompt])).logits[0, -1]
         torch.testing.assert_close(tree_logits[0], linear_root, atol=tolerance,
                                    rtol=tolerance)
+
+
+@pytest.mark.parametrize("draft_first", [False, True])
+def test_layers_shared_with_another_model_are_switched_and_restored(draft_first):
+    """`truncated_draft` shares its parent's layers, which read the parent's config.
+    Decoded as a target on its own (or beside its parent, switched in either order), it
+    must still run the tree attention on engine steps, and every config is restored after."""
+    from ouroboros import OuroborosDecoder
+    from ouroboros.attention import ouroboros_attention
+    from ouroboros.models import truncated_draft
+
+    parent = tiny_llama(3, layers=4)
+    target = truncated_draft(parent, 2)
+    draft = tiny_llama(4, layers=1)
+    decoder = OuroborosDecoder(target, draft, config="speculative")
+    for seed in range(3):
+        prompt = random_prompt(10, 48, seed)
+        with torch.no_grad():
+            expected = target.generate(prompt, max_new_tokens=20, do_sample=False)
+        assert torch.equal(decoder.generate(prompt, max_new_tokens=20).sequences, expected)
+    assert parent.config._attn_implementation == "sdpa"
+    assert target.config._attn_implementation == "sdpa"
+
+    first, second = (target, parent) if draft_first else (parent, target)
+    with ouroboros_attention(first), ouroboros_attention(second):
+        assert parent.config._attn_implementation == "ouroboros"
+        assert target.config._attn_implementation == "ouroboros"
+    assert parent.config._attn_implementation == "sdpa"
+    assert target.config._attn_implementation == "sdpa"

